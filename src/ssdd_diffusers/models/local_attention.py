@@ -1,0 +1,217 @@
+"""Local (windowed) self-attention with a learned relative-position bias, linear in the token count.
+
+Upstream SSDD attends over all H*W tokens with a dense additive mask that is -1e7 outside a
+(2w-1) x (2w-1) neighbourhood. Here the grid is cut into query blocks; each block attends only to its
+halo (the block grown by w-1 tokens on every side), so no tensor of size tokens x tokens is ever built
+and time and memory grow linearly with the number of tokens. Masked keys get exactly zero weight in
+both formulations, so the result equals the dense definition up to float rounding.
+
+Along an axis that fits in one block plus its halo, the block spans the whole axis and no halo is
+needed (small grids, including grids smaller than the window).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# Bias value for masked (query, key) pairs: exp(mask - max) underflows to exactly 0, and the sum of
+# two of them stays finite in every float dtype (so no row of the softmax can turn into NaN).
+def _mask_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min / 4
+
+
+@dataclass(frozen=True)
+class _AxisPlan:
+    """How one grid axis is cut into query blocks and key windows."""
+
+    length: int  # tokens along the axis
+    block: int  # queries per block
+    num_blocks: int
+    halo: int  # keys added before (and after) each block
+    key_len: int  # keys per block window
+
+    @property
+    def padded_query_len(self) -> int:
+        return self.block * self.num_blocks
+
+    @property
+    def padded_key_len(self) -> int:
+        return self.padded_query_len + 2 * self.halo
+
+
+def _plan_axis(length: int, window: int, block: int) -> _AxisPlan:
+    reach = window - 1
+    if length <= block + 2 * reach:
+        return _AxisPlan(length, length, 1, 0, length)
+    num_blocks = math.ceil(length / block)
+    return _AxisPlan(length, block, num_blocks, reach, block + 2 * reach)
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Geometry of blocked local attention on one (H, W) grid; independent of any parameter value.
+
+    ``bias_index`` (Q, K) indexes the flattened bias table extended by one masked row; ``key_valid``
+    (num_blocks, K) is False for padded keys outside the grid, or None when no key is padded.
+    """
+
+    rows: _AxisPlan
+    cols: _AxisPlan
+    window: int
+    bias_index: torch.Tensor
+    key_valid: torch.Tensor | None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.rows.num_blocks * self.cols.num_blocks
+
+
+def _axis_offsets(plan: _AxisPlan, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Offsets query-minus-key (block, key_len), their window validity, and key in-grid validity."""
+    query = torch.arange(plan.block)[:, None]
+    key = torch.arange(plan.key_len)[None, :]
+    offset = query + plan.halo - key  # (block, key_len)
+    in_window = offset.abs() <= window - 1
+    key_pos = torch.arange(plan.num_blocks)[:, None] * plan.block - plan.halo + key  # (num_blocks, key_len)
+    in_grid = (key_pos >= 0) & (key_pos < plan.length)
+    return offset, in_window, in_grid
+
+
+@lru_cache(maxsize=64)
+def _build_layout(height: int, width: int, window: int, block: int, device: torch.device) -> WindowLayout:
+    rows, cols = _plan_axis(height, window, block), _plan_axis(width, window, block)
+    dy, valid_y, grid_y = _axis_offsets(rows, window)
+    dx, valid_x, grid_x = _axis_offsets(cols, window)
+    side = 2 * window - 1
+    index = (dy[:, None, :, None] + window - 1) * side + (dx[None, :, None, :] + window - 1)
+    valid = valid_y[:, None, :, None] & valid_x[None, :, None, :]
+    index = torch.where(valid, index, side * side)  # the extra masked row of the table
+    index = index.reshape(rows.block * cols.block, rows.key_len * cols.key_len)
+    key_valid = (grid_y[:, None, :, None] & grid_x[None, :, None, :]).reshape(
+        rows.num_blocks * cols.num_blocks, rows.key_len * cols.key_len
+    )
+    if bool(key_valid.all()):
+        key_valid = None
+    else:
+        key_valid = key_valid.to(device)
+    return WindowLayout(rows, cols, window, index.to(device), key_valid)
+
+
+def window_layout(height: int, width: int, window: int, block: int, device: torch.device) -> WindowLayout:
+    """Cached layout for an (height, width) token grid. Pure geometry: safe to cache forever."""
+    return _build_layout(int(height), int(width), int(window), int(block), torch.device(device))
+
+
+def blocked_attention_bias(table: torch.Tensor, layout: WindowLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias for every query block, from the *current* table values.
+
+    table: (2w-1, 2w-1, heads). Returns (heads, Q, K) or (num_blocks, heads, Q, K) when some keys are
+    padding. Recomputed on every call (a gather on a small table), so it can never go stale after a
+    weight load and always carries gradients to the table.
+    """
+    heads = table.shape[-1]
+    masked = torch.full((1, heads), _mask_value(dtype), dtype=dtype, device=table.device)
+    flat = torch.cat([table.reshape(-1, heads).to(dtype), masked], dim=0)
+    bias = flat[layout.bias_index].permute(2, 0, 1)  # (heads, Q, K)
+    if layout.key_valid is None:
+        return bias
+    key_mask = torch.zeros(layout.key_valid.shape, dtype=dtype, device=table.device)
+    key_mask = key_mask.masked_fill(~layout.key_valid, _mask_value(dtype))
+    return bias[None] + key_mask[:, None, None, :]
+
+
+def local_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, table: torch.Tensor, block: int = 8
+) -> torch.Tensor:
+    """Multi-head local attention on a token grid.
+
+    query/key/value: (B, H, W, heads, head_dim); table: (2w-1, 2w-1, heads) relative-position bias,
+    indexed by (query - key) offsets. Returns (B, H, W, heads * head_dim).
+    """
+    batch, height, width, heads, head_dim = query.shape
+    window = (table.shape[0] + 1) // 2
+    layout = window_layout(height, width, window, block, query.device)
+    rows, cols = layout.rows, layout.cols
+
+    # Pad queries to whole blocks and keys/values by the halo plus the same block padding.
+    pad_qy, pad_qx = rows.padded_query_len - height, cols.padded_query_len - width
+    query = F.pad(query, (0, 0, 0, 0, 0, pad_qx, 0, pad_qy))
+    kv_pad = (0, 0, 0, 0, cols.halo, cols.halo + pad_qx, rows.halo, rows.halo + pad_qy)
+    key, value = F.pad(key, kv_pad), F.pad(value, kv_pad)
+
+    # (B, blocks, heads, Q, head_dim) queries; (B, blocks, heads, K, head_dim) key windows.
+    q_blocks = query.reshape(batch, rows.num_blocks, rows.block, cols.num_blocks, cols.block, heads, head_dim)
+    q_blocks = q_blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(
+        batch, layout.num_blocks, heads, rows.block * cols.block, head_dim
+    )
+
+    def windows(t: torch.Tensor) -> torch.Tensor:
+        t = t.unfold(1, rows.key_len, rows.block).unfold(2, cols.key_len, cols.block)
+        # (B, nby, nbx, heads, head_dim, ky, kx) -> (B, blocks, heads, ky*kx, head_dim)
+        t = t.permute(0, 1, 2, 3, 5, 6, 4)
+        return t.reshape(batch, layout.num_blocks, heads, rows.key_len * cols.key_len, head_dim)
+
+    bias = blocked_attention_bias(table, layout, query.dtype)
+    out = F.scaled_dot_product_attention(q_blocks, windows(key), windows(value), attn_mask=bias)
+    out = out.reshape(batch, rows.num_blocks, cols.num_blocks, heads, rows.block, cols.block, head_dim)
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(
+        batch, rows.padded_query_len, cols.padded_query_len, heads * head_dim
+    )
+    return out[:, :height, :width]
+
+
+def dense_relative_bias(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Reference dense bias (heads, N, N), N = height * width: the upstream definition, -1e7 outside
+    the window. Quadratic in N: for tests and small grids only."""
+    window = (table.shape[0] + 1) // 2
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    dy = ys[:, None] - ys[None, :]
+    dx = xs[:, None] - xs[None, :]
+    valid = (dy.abs() <= window - 1) & (dx.abs() <= window - 1)
+    values = table[(dy + window - 1).clamp(0, 2 * window - 2), (dx + window - 1).clamp(0, 2 * window - 2)]
+    values = values.permute(2, 0, 1)  # (heads, N, N)
+    return torch.where(valid[None].to(table.device), values, torch.full_like(values, -1e7))
+
+
+class RelativePositionBias(nn.Module):
+    """Learned (2w-1, 2w-1, heads) table of attention biases indexed by (query - key) offsets."""
+
+    def __init__(self, window: int, num_heads: int):
+        super().__init__()
+        self.window = window
+        self.relative_bias_table = nn.Parameter(torch.zeros(2 * window - 1, 2 * window - 1, num_heads))
+
+
+class LocalSelfAttention(nn.Module):
+    """Multi-head self-attention restricted to offsets within +-(window-1), with relative bias.
+
+    Parameter names follow upstream SSDD (``to_q``, ``to_k``, ``to_v`` without bias, ``out_proj``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, block_size: int = 8):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention width {dim} is not divisible by {num_heads} heads.")
+        self.num_heads = num_heads
+        self.block_size = block_size
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, H, W, dim) token grid -> (B, H, W, dim)."""
+        batch, height, width, dim = hidden_states.shape
+        shape = (batch, height, width, self.num_heads, dim // self.num_heads)
+        q = self.to_q(hidden_states).view(shape)
+        k = self.to_k(hidden_states).view(shape)
+        v = self.to_v(hidden_states).view(shape)
+        return self.out_proj(local_attention(q, k, v, table, self.block_size))

@@ -1,0 +1,312 @@
+"""SSDD's pixel-space U-ViT decoder: predicts the flow-matching velocity of a noisy image given a latent.
+
+Convolutional down/up paths with ResNet blocks conditioned on the latent (spatial AdaGroupNorm) and on
+the time (scale-shift), and a middle transformer at H/2^(L-1) x W/2^(L-1) tokens with local windowed
+attention, conditioned on the latent through AdaLayerNorm. Parameter names match upstream SSDD
+checkpoints (``decoder.*`` keys) so that they load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.activations import GEGLU
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from diffusers.models.resnet import Upsample2D
+from torch import nn
+
+from .local_attention import LocalSelfAttention, RelativePositionBias
+
+NORM_GROUPS = 32
+
+
+def _resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Legacy nearest resize (out[i] = in[floor(i * in / out)]); a no-op when sizes already match."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="nearest")
+
+
+# ------------------------------------------------------------------------------------------------
+# Conditioning norms
+# ------------------------------------------------------------------------------------------------
+
+
+class AdaGroupNorm2D(nn.Module):
+    """GroupNorm without affine, modulated per pixel by (scale, shift) from a 1x1 conv of the context."""
+
+    def __init__(self, channels: int, context_channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.GroupNorm(NORM_GROUPS, channels, eps=eps, affine=False)
+        self.ctx_proj = nn.Conv2d(context_channels, 2 * channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W); context: (B, C0, h, w) at latent resolution."""
+        scale, shift = _resize_nearest(self.ctx_proj(context), x.shape[-2:]).chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+class AdaLayerNormTokens(nn.Module):
+    """LayerNorm without affine, modulated per token by (shift, scale) = Linear(SiLU(context))."""
+
+    def __init__(self, dim: int, context_channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(context_channels, 2 * dim)
+
+    def modulation(self, context: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """context (B, C0, h, w) -> shift, scale of shape (B, H, W, dim) on the token grid."""
+        g = self.linear(F.silu(context).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        g = _resize_nearest(g, grid).permute(0, 2, 3, 1)
+        shift, scale = g.chunk(2, dim=-1)
+        return shift, scale
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, dim) tokens."""
+        shift, scale = self.modulation(context, x.shape[1:3])
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class SSDDResnetBlock(nn.Module):
+    """ResNet block: AdaGN(context) -> SiLU -> conv -> GN * (1 + scale_t) + shift_t -> SiLU -> conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, context_channels: int):
+        super().__init__()
+        self.norm1 = AdaGroupNorm2D(in_channels, context_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, 2 * out_channels)
+        self.norm2 = nn.GroupNorm(NORM_GROUPS, out_channels, eps=1e-5)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x, context)))
+        scale, shift = self.time_emb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class GEGLUFeedForward(nn.Module):
+    """Linear(d -> 2 * 4d) split into (value, gate), value * GELU(gate), then Linear(4d -> d)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in_act = GEGLU(dim, mult * dim)
+        self.proj_out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.proj_in_act(x))
+
+
+class SSDDTransformerBlock(nn.Module):
+    """Pre-norm block: AdaLN(context) -> local attention (+ relative bias) -> LN -> GEGLU feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, context_channels: int):
+        super().__init__()
+        self.norm1 = AdaLayerNormTokens(dim, context_channels)
+        self.attn1 = LocalSelfAttention(dim, num_heads, window)
+        self.relative_position_bias = RelativePositionBias(window, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, H, W, dim) tokens; context: (B, C0, h, w)."""
+        x = x + self.attn1(self.norm1(x, context), self.relative_position_bias.relative_bias_table)
+        return x + self.ff(self.norm2(x))
+
+
+class SSDDMidTransformer(nn.Module):
+    """GN -> Linear -> transformer blocks -> Linear, with a residual around the whole block."""
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int, window: int, context_channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(NORM_GROUPS, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [SSDDTransformerBlock(dim, num_heads, window, context_channels) for _ in range(num_layers)]
+        )
+        self.proj_out = nn.Linear(dim, dim)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x: (B, dim, H, W) -> (B, dim, H, W)."""
+        tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1))  # (B, H, W, dim)
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, context)
+            else:
+                tokens = block(tokens, context)
+        return x + self.proj_out(tokens).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """3x3 convolution with stride 2 and symmetric zero padding 1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class SSDDDownBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, num_layers: int, temb_ch: int, ctx_ch: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [SSDDResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, ctx_ch) for i in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
+
+
+class SSDDUpBlock(nn.Module):
+    def __init__(self, in_widths: list[int], out_ch: int, temb_ch: int, ctx_ch: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([SSDDResnetBlock(w, out_ch, temb_ch, ctx_ch) for w in in_widths])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch, use_conv=True)]) if upsample else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder
+# ------------------------------------------------------------------------------------------------
+
+
+class UViTDecoder(nn.Module):
+    """Velocity network v = decoder(x_t, t, z) of SSDD.
+
+    Args:
+        latent_channels: channels Z of the conditioning latent.
+        block_out_channels: width of each level (multiples of 32); the last is the transformer width.
+        layers_per_block: ResNet blocks per down level (up levels have one more).
+        transformer_layers: depth of the middle transformer.
+        attention_heads: heads of the middle transformer.
+        attention_window: w; tokens attend to offsets within +-(w-1) on each axis.
+        in_channels / out_channels: image channels.
+        time_scale: t in [0, 1] is multiplied by this (in float32) before the sinusoidal embedding.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        block_out_channels: tuple[int, ...] = (96, 192, 288, 288),
+        layers_per_block: int = 2,
+        transformer_layers: int = 12,
+        attention_heads: int = 4,
+        attention_window: int = 8,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        time_scale: float = 1000.0,
+    ):
+        super().__init__()
+        widths = list(block_out_channels)
+        base = widths[0]
+        temb_ch = 4 * base
+        levels = len(widths)
+        self.time_scale = time_scale
+        self.downsample_factor = 2 ** (levels - 1)
+        self.in_channels = in_channels
+
+        self.conv_in = nn.Conv2d(in_channels + latent_channels, base, 3, padding=1)
+        self.time_embedding = TimestepEmbedding(base, temb_ch)
+        self.ada_ctx_proj = nn.Sequential(
+            nn.Conv2d(latent_channels, base, 3, padding=1), nn.SiLU(), nn.Conv2d(base, base, 3, padding=1)
+        )
+
+        self.down_blocks = nn.ModuleList()
+        skip_widths = [base]
+        previous = base
+        for i, width in enumerate(widths):
+            downsample = i < levels - 1
+            self.down_blocks.append(
+                SSDDDownBlock(previous, width, layers_per_block, temb_ch, base, downsample)
+            )
+            skip_widths += [width] * (layers_per_block + (1 if downsample else 0))
+            previous = width
+
+        self.mid_block = SSDDMidTransformer(
+            widths[-1], transformer_layers, attention_heads, attention_window, base
+        )
+
+        self.up_blocks = nn.ModuleList()
+        for u, width in enumerate(reversed(widths)):
+            in_widths = []
+            for _ in range(layers_per_block + 1):
+                in_widths.append(previous + skip_widths.pop())
+                previous = width
+            self.up_blocks.append(SSDDUpBlock(in_widths, width, temb_ch, base, upsample=u < levels - 1))
+
+        self.conv_norm_out = nn.GroupNorm(NORM_GROUPS, base, eps=1e-5)
+        self.conv_out = nn.Conv2d(base, out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    def _resnet(self, resnet: SSDDResnetBlock, h, temb, context) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(resnet, h, temb, context)
+        return resnet(h, temb, context)
+
+    def time_embed(self, t: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """t: scalar or (B,) in [0, 1] -> (B, 4 * C0) embedding."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=self.conv_in.weight.device)
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
+        emb = get_timestep_embedding(
+            t.float() * self.time_scale,
+            self.conv_in.out_channels,
+            flip_sin_to_cos=True,
+            downscale_freq_shift=0,
+        )
+        return self.time_embedding(emb.to(dtype))
+
+    def _check_inputs(self, x_t: torch.Tensor, z: torch.Tensor) -> None:
+        if x_t.ndim != 4 or x_t.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x_t must be (batch, {self.in_channels}, height, width); got shape {tuple(x_t.shape)}."
+            )
+        if x_t.shape[-2] % self.downsample_factor or x_t.shape[-1] % self.downsample_factor:
+            raise ValueError(
+                f"x_t height and width must be multiples of {self.downsample_factor}; "
+                f"got {x_t.shape[-2]}x{x_t.shape[-1]}."
+            )
+        latent_channels = self.ada_ctx_proj[0].in_channels
+        if z.ndim != 4 or z.shape[1] != latent_channels or z.shape[0] != x_t.shape[0]:
+            raise ValueError(
+                f"z must be ({x_t.shape[0]}, {latent_channels}, h, w) to match x_t; "
+                f"got shape {tuple(z.shape)}."
+            )
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
+        """x_t: (B, 3, H, W) noisy image; t: scalar or (B,) in [0, 1] (1 = noise); z: (B, Z, h, w).
+
+        Returns the velocity prediction (B, 3, H, W), an estimate of x_0 - noise.
+        """
+        self._check_inputs(x_t, z)
+        height, width = x_t.shape[-2:]
+        z = z.to(x_t.dtype)
+        temb = self.time_embed(t, x_t.shape[0], x_t.dtype)
+        context = self.ada_ctx_proj(z)
+
+        h = self.conv_in(torch.cat([x_t, _resize_nearest(z, (height, width))], dim=1))
+        skips = [h]
+        for block in self.down_blocks:
+            for resnet in block.resnets:
+                h = self._resnet(resnet, h, temb, context)
+                skips.append(h)
+            if block.downsamplers is not None:
+                h = block.downsamplers[0](h)
+                skips.append(h)
+
+        h = self.mid_block(h, context)
+
+        for block in self.up_blocks:
+            for resnet in block.resnets:
+                h = self._resnet(resnet, torch.cat([h, skips.pop()], dim=1), temb, context)
+            if block.upsamplers is not None:
+                h = block.upsamplers[0](h)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
