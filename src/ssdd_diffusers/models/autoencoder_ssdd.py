@@ -25,6 +25,7 @@ from ..conversion import (
     load_state_dict_file,
     unwrap_state_dict,
 )
+from ..multiscale import MultiScaleLayout, multiscale_euler_sample, resolve_stage_steps
 from ..presets import decoder_preset, encoder_preset
 from ..sampling import euler_sample, flow_time_grid
 from ..tiling import SharedGroupNormStats, Tile, blend_tiles, plan_tiles
@@ -74,6 +75,10 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             diffusion pipelines (``z * scaling_factor`` is what a latent diffusion model sees).
         force_upcast: pipelines upcast the VAE to float32 when True; SSDD runs in bf16/fp16 as is.
         sample_size: nominal training resolution; also the default tile size for tiled decoding.
+        multiscale_stages: K stages of coarse-to-fine decoding the decoder was trained for (1 = the
+            ordinary full-resolution sampler); see :mod:`ssdd_diffusers.multiscale`.
+        multiscale_steps: Euler steps per stage (length K) used when their sum equals the requested
+            number of steps; otherwise ``multiscale.default_stage_steps`` splits the steps.
     """
 
     _supports_gradient_checkpointing = True
@@ -103,10 +108,13 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         latents_std: tuple[float, ...] | None = None,
         force_upcast: bool = False,
         sample_size: int = 256,
+        multiscale_stages: int = 1,
+        multiscale_steps: tuple[int, ...] | None = None,
     ):
         super().__init__()
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}.")
+        MultiScaleLayout(multiscale_stages)  # validates K
         self.encoder = Encoder(
             in_channels=in_channels,
             out_channels=latent_channels,
@@ -371,9 +379,30 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
 
         return self._run_tiles(self.decoder, decode_tile, tuple(z.shape[-2:]), f).to(x_t.dtype)
 
-    def _decode(self, z: torch.Tensor, noise: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
+    def _decode(
+        self, z: torch.Tensor, noise: torch.Tensor, num_inference_steps: int, multiscale_stages: int = 1
+    ) -> torch.Tensor:
+        if multiscale_stages > 1:
+            return self._decode_multiscale(z, noise, num_inference_steps, multiscale_stages)
         grid = flow_time_grid(num_inference_steps, self.config.time_grid_power)
         return euler_sample(lambda x, t: self.velocity(x, t, z), noise, grid)
+
+    def _decode_multiscale(
+        self, z: torch.Tensor, noise: torch.Tensor, num_inference_steps: int, multiscale_stages: int
+    ) -> torch.Tensor:
+        """Coarse-to-fine decoding (``multiscale.multiscale_euler_sample``); the coarse-stage noise and
+        re-noise are derived deterministically from the full-resolution ``noise``. Coarse stages call the
+        decoder directly (tiling, when enabled, applies to the full-resolution stage only)."""
+        steps = resolve_stage_steps(num_inference_steps, multiscale_stages, self.config.multiscale_steps)
+        full_size = tuple(noise.shape[-2:])
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if tuple(x.shape[-2:]) == full_size:
+                return self.velocity(x, t, z)
+            return self.decoder(x, t, z)
+
+        layout = MultiScaleLayout(multiscale_stages)
+        return multiscale_euler_sample(velocity, noise, steps, layout, self.config.time_grid_power)
 
     @apply_forward_hook
     def decode(
@@ -383,6 +412,7 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
         noise: torch.Tensor | None = None,
+        multiscale_stages: int | None = None,
     ) -> DecoderOutput | tuple:
         """Decode latents (B, Z, h, w) into images (B, 3, h*f, w*f) in [-1, 1] (not clamped).
 
@@ -392,18 +422,31 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             generator: source of the starting noise; None uses a fixed seed, so decoding is deterministic.
             num_inference_steps: Euler steps; defaults to ``config.num_inference_steps``.
             noise: explicit starting noise (B, 3, h*f, w*f); overrides ``generator``.
+            multiscale_stages: K > 1 decodes coarse-to-fine in K stages with ``num_inference_steps`` Euler
+                steps in total (at least one per stage); 1 forces the full-resolution sampler; None uses
+                ``config.multiscale_stages``. The multi-scale noise is derived from the full-resolution
+                noise, so ``noise=`` stays an exact reproduction handle.
         """
         _check_image(z, self.config.latent_channels, 1, "Latents")
         steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1; got {steps}.")
+        stages = self.config.multiscale_stages if multiscale_stages is None else int(multiscale_stages)
+        if stages > 1:
+            f = self.spatial_compression_ratio
+            MultiScaleLayout(stages).stage_resolutions(
+                z.shape[-2] * f, z.shape[-1] * f, self.decoder.downsample_factor
+            )
+            resolve_stage_steps(steps, stages, self.config.multiscale_steps)  # needs >= 1 step per stage
         dtype = self.decoder.conv_in.weight.dtype
         z = z.to(dtype)
         noise = self._initial_noise(z, generator, noise, dtype)  # whole batch, before slicing/tiling
         if self.use_slicing and z.shape[0] > 1:
-            sample = torch.cat([self._decode(zs, ns, steps) for zs, ns in zip(z.split(1), noise.split(1))])
+            sample = torch.cat(
+                [self._decode(zs, ns, steps, stages) for zs, ns in zip(z.split(1), noise.split(1))]
+            )
         else:
-            sample = self._decode(z, noise, steps)
+            sample = self._decode(z, noise, steps, stages)
         if not return_dict:
             return (sample,)
         return DecoderOutput(sample=sample)
