@@ -13,8 +13,8 @@ needed (small grids, including grids smaller than the window).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,6 @@ def _axis_offsets(plan: _AxisPlan, window: int) -> tuple[torch.Tensor, torch.Ten
     return offset, in_window, in_grid
 
 
-@lru_cache(maxsize=64)
 def _build_layout(height: int, width: int, window: int, block: int, device: torch.device) -> WindowLayout:
     rows, cols = _plan_axis(height, window, block), _plan_axis(width, window, block)
     dy, valid_y, grid_y = _axis_offsets(rows, window)
@@ -94,77 +93,134 @@ def _build_layout(height: int, width: int, window: int, block: int, device: torc
     valid = valid_y[:, None, :, None] & valid_x[None, :, None, :]
     index = torch.where(valid, index, side * side)  # the extra masked row of the table
     index = index.reshape(rows.block * cols.block, rows.key_len * cols.key_len)
-    key_valid = (grid_y[:, None, :, None] & grid_x[None, :, None, :]).reshape(
-        rows.num_blocks * cols.num_blocks, rows.key_len * cols.key_len
-    )
-    if bool(key_valid.all()):
-        key_valid = None
-    else:
+    # Keys are padded only along an axis with a halo (an axis without one is a single block spanning it),
+    # so "no padded key" is a static fact of the plan: no data-dependent branch (compile-friendly).
+    key_valid = None
+    if rows.halo or cols.halo:
+        key_valid = (grid_y[:, None, :, None] & grid_x[None, :, None, :]).reshape(
+            rows.num_blocks * cols.num_blocks, rows.key_len * cols.key_len
+        )
         key_valid = key_valid.to(device)
     return WindowLayout(rows, cols, window, index.to(device), key_valid)
 
 
+_LAYOUT_CACHE: dict[tuple[int, int, int, int, torch.device], WindowLayout] = {}
+_LAYOUT_CACHE_SIZE = 64
+
+
 def window_layout(height: int, width: int, window: int, block: int, device: torch.device) -> WindowLayout:
-    """Cached layout for an (height, width) token grid. Pure geometry: safe to cache forever."""
-    return _build_layout(int(height), int(width), int(window), int(block), torch.device(device))
+    """Cached layout for an (height, width) token grid. Pure geometry: safe to cache forever.
+
+    Under ``torch.compile`` the layout is rebuilt from index arithmetic inside the graph (no Python cache
+    lookups, no graph break); eager calls use a small plain-dict cache.
+    """
+    key = (int(height), int(width), int(window), int(block), torch.device(device))
+    if torch.compiler.is_compiling():
+        return _build_layout(*key)
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
+        layout = _LAYOUT_CACHE[key] = _build_layout(*key)
+    return layout
 
 
 def blocked_attention_bias(table: torch.Tensor, layout: WindowLayout, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias for every query block, from the *current* table values.
 
-    table: (2w-1, 2w-1, heads). Returns (heads, Q, K) or (num_blocks, heads, Q, K) when some keys are
-    padding. Recomputed on every call (a gather on a small table), so it can never go stale after a
-    weight load and always carries gradients to the table.
+    table: (2w-1, 2w-1, heads). Returns (1, heads, Q, K), or (num_blocks, heads, Q, K) when some keys are
+    padding. Computed from the table on every call unless the caller caches it (see ``local_attention``),
+    so it carries gradients to the table.
     """
     heads = table.shape[-1]
     masked = torch.full((1, heads), _mask_value(dtype), dtype=dtype, device=table.device)
     flat = torch.cat([table.reshape(-1, heads).to(dtype), masked], dim=0)
     bias = flat[layout.bias_index].permute(2, 0, 1)  # (heads, Q, K)
     if layout.key_valid is None:
-        return bias
+        return bias[None]
     key_mask = torch.zeros(layout.key_valid.shape, dtype=dtype, device=table.device)
     key_mask = key_mask.masked_fill(~layout.key_valid, _mask_value(dtype))
     return bias[None] + key_mask[:, None, None, :]
 
 
+# Largest bias (in bytes) kept by the inference cache of one attention layer; bigger ones are rebuilt.
+BIAS_CACHE_MAX_BYTES = 8 * 2**20
+
+
+def _cached_bias(
+    table: torch.Tensor, layout: WindowLayout, dtype: torch.dtype, cache: dict | None, grid: tuple[int, ...]
+) -> torch.Tensor:
+    """``blocked_attention_bias``, reused across calls while the table is unchanged.
+
+    Only used when no gradient can flow to the table and outside ``torch.compile``; the key holds the
+    table's storage pointer and in-place version counter, so any weight update or load invalidates it.
+    """
+    usable = cache is not None and not torch.compiler.is_compiling()
+    if not usable or (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
+        return blocked_attention_bias(table, layout, dtype)
+    key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device, grid, dtype)
+    owner = cache.get("table")
+    if cache.get("key") == key and owner is not None and owner() is table:
+        return cache["bias"]
+    with torch.no_grad():
+        bias = blocked_attention_bias(table, layout, dtype)
+    cache.clear()
+    if bias.numel() * bias.element_size() <= BIAS_CACHE_MAX_BYTES:
+        cache.update(key=key, bias=bias, table=weakref.ref(table))
+    return bias
+
+
 def local_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, table: torch.Tensor, block: int = 8
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    table: torch.Tensor,
+    block: int = 8,
+    bias_cache: dict | None = None,
 ) -> torch.Tensor:
     """Multi-head local attention on a token grid.
 
     query/key/value: (B, H, W, heads, head_dim); table: (2w-1, 2w-1, heads) relative-position bias,
-    indexed by (query - key) offsets. Returns (B, H, W, heads * head_dim).
+    indexed by (query - key) offsets. Returns (B, H, W, heads * head_dim). ``bias_cache``: a dict owned
+    by the caller in which the gathered bias is kept between inference calls (see ``_cached_bias``).
     """
     batch, height, width, heads, head_dim = query.shape
     window = (table.shape[0] + 1) // 2
     layout = window_layout(height, width, window, block, query.device)
     rows, cols = layout.rows, layout.cols
+    blocks = layout.num_blocks
+    q_len, k_len = rows.block * cols.block, rows.key_len * cols.key_len
 
     # Pad queries to whole blocks and keys/values by the halo plus the same block padding.
     pad_qy, pad_qx = rows.padded_query_len - height, cols.padded_query_len - width
-    query = F.pad(query, (0, 0, 0, 0, 0, pad_qx, 0, pad_qy))
+    if pad_qy or pad_qx:
+        query = F.pad(query, (0, 0, 0, 0, 0, pad_qx, 0, pad_qy))
     kv_pad = (0, 0, 0, 0, cols.halo, cols.halo + pad_qx, rows.halo, rows.halo + pad_qy)
-    key, value = F.pad(key, kv_pad), F.pad(value, kv_pad)
+    if any(kv_pad):
+        key, value = F.pad(key, kv_pad), F.pad(value, kv_pad)
 
-    # (B, blocks, heads, Q, head_dim) queries; (B, blocks, heads, K, head_dim) key windows.
+    # (B * blocks, heads, Q, head_dim) queries; (B * blocks, heads, K, head_dim) key windows. 4-D inputs
+    # let SDPA take its fused CPU/GPU kernels (5-D inputs fall back to the unfused math path).
     q_blocks = query.reshape(batch, rows.num_blocks, rows.block, cols.num_blocks, cols.block, heads, head_dim)
-    q_blocks = q_blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(
-        batch, layout.num_blocks, heads, rows.block * cols.block, head_dim
-    )
+    q_blocks = q_blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * blocks, heads, q_len, head_dim)
 
     def windows(t: torch.Tensor) -> torch.Tensor:
         t = t.unfold(1, rows.key_len, rows.block).unfold(2, cols.key_len, cols.block)
-        # (B, nby, nbx, heads, head_dim, ky, kx) -> (B, blocks, heads, ky*kx, head_dim)
+        # (B, nby, nbx, heads, head_dim, ky, kx) -> (B * blocks, heads, ky*kx, head_dim)
         t = t.permute(0, 1, 2, 3, 5, 6, 4)
-        return t.reshape(batch, layout.num_blocks, heads, rows.key_len * cols.key_len, head_dim)
+        return t.reshape(batch * blocks, heads, k_len, head_dim)
 
-    bias = blocked_attention_bias(table, layout, query.dtype)
+    bias = _cached_bias(table, layout, query.dtype, bias_cache, (height, width, block))
+    if bias.shape[0] > 1 and batch > 1:  # per-block bias (padded keys): repeat it for every image
+        bias = bias.repeat(batch, 1, 1, 1)
     out = F.scaled_dot_product_attention(q_blocks, windows(key), windows(value), attn_mask=bias)
     out = out.reshape(batch, rows.num_blocks, cols.num_blocks, heads, rows.block, cols.block, head_dim)
     out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(
         batch, rows.padded_query_len, cols.padded_query_len, heads * head_dim
     )
-    return out[:, :height, :width]
+    if pad_qy or pad_qx:
+        out = out[:, :height, :width]
+    return out
 
 
 def dense_relative_bias(table: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -206,6 +262,7 @@ class LocalSelfAttention(nn.Module):
         self.to_k = nn.Linear(dim, dim, bias=False)
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.out_proj = nn.Linear(dim, dim)
+        self._bias_cache: dict = {}  # inference-only cache of the gathered bias (never saved)
 
     def forward(self, hidden_states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, H, W, dim) token grid -> (B, H, W, dim)."""
@@ -214,4 +271,4 @@ class LocalSelfAttention(nn.Module):
         q = self.to_q(hidden_states).view(shape)
         k = self.to_k(hidden_states).view(shape)
         v = self.to_v(hidden_states).view(shape)
-        return self.out_proj(local_attention(q, k, v, table, self.block_size))
+        return self.out_proj(local_attention(q, k, v, table, self.block_size, self._bias_cache))

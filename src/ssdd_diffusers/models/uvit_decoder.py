@@ -27,6 +27,36 @@ def _resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="nearest")
 
 
+def _inplace_ok() -> bool:
+    """In-place activation/modulation is valid when autograd is off (inference): nothing saves inputs."""
+    return not torch.is_grad_enabled()
+
+
+def _modulate(x: torch.Tensor, params: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """x * (1 + scale) + shift, (scale, shift) = params.chunk(2, 1) nearest-resized to x's size.
+
+    For an integer size ratio (every decoder level), nearest upsampling repeats each value, so the
+    low-resolution (scale, shift) are broadcast over (fy, fx) sub-pixel axes of a view of x instead of
+    being materialised at full resolution: the same products and sums, element for element.
+    """
+    (height, width), (h, w) = x.shape[-2:], params.shape[-2:]
+    if height % h or width % w:
+        scale, shift = _resize_nearest(params, (height, width)).chunk(2, dim=1)
+        if inplace:
+            return x.mul_(1 + scale).add_(shift)
+        return x * (1 + scale) + shift
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        params = params.contiguous(memory_format=torch.channels_last)  # same layout: vectorised broadcast
+    scale, shift = params.chunk(2, dim=1)
+    scale = (1 + scale)[:, :, :, None, :, None]
+    shift = shift[:, :, :, None, :, None]
+    view = x.unflatten(3, (w, width // w)).unflatten(2, (h, height // h))  # (B, C, h, fy, w, fx)
+    if inplace:
+        view.mul_(scale).add_(shift)
+        return x
+    return (view * scale + shift).flatten(4, 5).flatten(2, 3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Conditioning norms
 # ------------------------------------------------------------------------------------------------
@@ -42,8 +72,7 @@ class AdaGroupNorm2D(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); context: (B, C0, h, w) at latent resolution."""
-        scale, shift = _resize_nearest(self.ctx_proj(context), x.shape[-2:]).chunk(2, dim=1)
-        return self.norm(x) * (1 + scale) + shift
+        return _modulate(self.norm(x), self.ctx_proj(context), _inplace_ok())
 
 
 class AdaLayerNormTokens(nn.Module):
@@ -64,7 +93,10 @@ class AdaLayerNormTokens(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, dim) tokens."""
         shift, scale = self.modulation(context, x.shape[1:3])
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift
+        out = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        if _inplace_ok():
+            return out.mul_(1 + scale).add_(shift)
+        return out * (1 + scale) + shift
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,12 +117,14 @@ class SSDDResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x, context)))
+        inplace = _inplace_ok()
+        h = self.conv1(F.silu(self.norm1(x, context), inplace=inplace))
         scale, shift = self.time_emb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(F.silu(h))
+        h = self.norm2(h)
+        h = h.mul_(1 + scale).add_(shift) if inplace else h * (1 + scale) + shift
+        h = self.conv2(F.silu(h, inplace=inplace))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return shortcut + h
+        return h.add_(shortcut) if inplace else shortcut + h  # IEEE addition commutes exactly
 
 
 class GEGLUFeedForward(nn.Module):
@@ -245,6 +279,10 @@ class UViTDecoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(NORM_GROUPS, base, eps=1e-5)
         self.conv_out = nn.Conv2d(base, out_channels, 3, padding=1)
         self.gradient_checkpointing = False
+        # Run the convolutional trunk in channels_last (NHWC) memory format: oneDNN/cuDNN convolutions
+        # are faster in it and the token permutes of the middle transformer become free. Values are the
+        # same up to float rounding of the convolution kernels; set False for NCHW.
+        self.channels_last = True
 
     def _resnet(self, resnet: SSDDResnetBlock, h, temb, context) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -291,7 +329,10 @@ class UViTDecoder(nn.Module):
         temb = self.time_embed(t, x_t.shape[0], x_t.dtype)
         context = self.ada_ctx_proj(z)
 
-        h = self.conv_in(torch.cat([x_t, _resize_nearest(z, (height, width))], dim=1))
+        h = torch.cat([x_t, _resize_nearest(z, (height, width))], dim=1)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        h = self.conv_in(h)
         skips = [h]
         for block in self.down_blocks:
             for resnet in block.resnets:
@@ -309,4 +350,5 @@ class UViTDecoder(nn.Module):
             if block.upsamplers is not None:
                 h = block.upsamplers[0](h)
 
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        out = self.conv_out(F.silu(self.conv_norm_out(h), inplace=_inplace_ok()))
+        return out.contiguous()
