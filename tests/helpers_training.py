@@ -158,8 +158,9 @@ def _handler(hub: MockHub) -> type[BaseHTTPRequestHandler]:
                         value = item["value"]
                         stored[value["path"]] = base64.b64decode(value["content"])
                 oid = "1" * 40
-                self._reply({"commitUrl": f"{host}/{repo_id}/commit/{oid}", "commitOid": oid,
-                             "pullRequestUrl": None})
+                self._reply(
+                    {"commitUrl": f"{host}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+                )
             else:
                 self._reply({"error": f"unexpected {path}"}, 404)
 

@@ -207,8 +207,9 @@ def test_objective_terms_and_weights(assets: dict[str, Path]) -> None:
     images = load_images(assets["images"], 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = SSDDObjective(vae, LossWeights(), train_encoder=True, lpips_backbone="random",
-                             repa_model=str(assets["dino"]))
+        full = SSDDObjective(
+            vae, LossWeights(), train_encoder=True, lpips_backbone="random", repa_model=str(assets["dino"])
+        )
         out = full(images, torch.Generator().manual_seed(0))
         assert set(out) == {"loss", "fm", "lpips", "repa", "kl"}
         expected = out["fm"] + 0.5 * out["lpips"] + 0.25 * out["repa"] + 1e-6 * out["kl"]
@@ -226,9 +227,22 @@ def test_loss_decreases_and_frozen_encoder_is_unchanged(assets: dict[str, Path],
     images = load_images(assets["images"])
     init = SSDDAutoencoder.from_pretrained(assets["init_model"])
     before = fixed_fm_loss(init, images)
-    result = run(base_args(assets, out, "--pretrained_model_name_or_path", str(assets["init_model"]),
-                           "--max_train_steps", "12", "--optimizer", "adamw", "--learning_rate", "2e-3",
-                           "--lr_warmup_steps", "0"))
+    result = run(
+        base_args(
+            assets,
+            out,
+            "--pretrained_model_name_or_path",
+            str(assets["init_model"]),
+            "--max_train_steps",
+            "12",
+            "--optimizer",
+            "adamw",
+            "--learning_rate",
+            "2e-3",
+            "--lr_warmup_steps",
+            "0",
+        )
+    )
     trained = SSDDAutoencoder.from_pretrained(out)
     after = fixed_fm_loss(trained, images)
     print(f"fixed-batch FM loss: {before:.4f} -> {after:.4f} (ratio {after / before:.3f})")
@@ -244,9 +258,21 @@ def test_loss_decreases_and_frozen_encoder_is_unchanged(assets: dict[str, Path],
 def test_train_encoder_changes_encoder_and_adds_kl(assets: dict[str, Path], tmp_path: Path) -> None:
     """--train_encoder updates the encoder and logs KL; --repa_weight 0 never touches --repa_model."""
     out = tmp_path / "run"
-    argv = base_args(assets, out, "--pretrained_model_name_or_path", str(assets["init_model"]),
-                     "--max_train_steps", "2", "--optimizer", "adamw", "--lr_warmup_steps", "0",
-                     "--train_encoder", "--repa_weight", "0")
+    argv = base_args(
+        assets,
+        out,
+        "--pretrained_model_name_or_path",
+        str(assets["init_model"]),
+        "--max_train_steps",
+        "2",
+        "--optimizer",
+        "adamw",
+        "--lr_warmup_steps",
+        "0",
+        "--train_encoder",
+        "--repa_weight",
+        "0",
+    )
     argv[argv.index("--repa_model") + 1] = str(tmp_path / "no_dino_here")
     result = run(argv)
     assert all("kl" in h and "repa" not in h for h in result["loss_history"])
@@ -267,9 +293,22 @@ def test_exact_resume(
 ) -> None:
     """N steps in one go == stop at a checkpoint, resume from `latest` (ignoring broken folders), finish."""
     stop = (total // every) * every
-    extra = ["--optimizer", optimizer, "--lr_warmup_steps", "2", "--checkpointing_steps", str(every),
-             "--learning_rate", "2e-3", "--ema_start_step", "1", "--ema_decay", "0.9",
-             "--validation_steps", str(every)]
+    extra = [
+        "--optimizer",
+        optimizer,
+        "--lr_warmup_steps",
+        "2",
+        "--checkpointing_steps",
+        str(every),
+        "--learning_rate",
+        "2e-3",
+        "--ema_start_step",
+        "1",
+        "--ema_decay",
+        "0.9",
+        "--validation_steps",
+        str(every),
+    ]
     full, split = tmp_path / "full", tmp_path / "split"
     run(base_args(assets, full, "--max_train_steps", str(total), *extra))
     first = run(base_args(assets, split, "--max_train_steps", str(stop), *extra))
@@ -310,10 +349,27 @@ def test_corrupt_images_outputs_model_card_and_hub(
         monkeypatch.setattr(hf_api.api, "endpoint", hub.url)  # the module-level HfApi behind create_repo
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        argv = base_args(assets, out, "--max_train_steps", "5", "--checkpointing_steps", "2",
-                         "--checkpoints_total_limit", "1", "--validation_steps", "5", "--push_to_hub",
-                         "--hub_model_id", "user/ssdd-tiny", "--hub_token", "hf_fake", "--random_flip",
-                         "--random_resize_scale", "2", data="corrupt_images")
+        argv = base_args(
+            assets,
+            out,
+            "--max_train_steps",
+            "5",
+            "--checkpointing_steps",
+            "2",
+            "--checkpoints_total_limit",
+            "1",
+            "--validation_steps",
+            "5",
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/ssdd-tiny",
+            "--hub_token",
+            "hf_fake",
+            "--random_flip",
+            "--random_resize_scale",
+            "2",
+            data="corrupt_images",
+        )
         result = run(argv)
     # 8 good + 2 corrupt files, batch 2: one epoch is 5 steps, so both corrupt files were read once.
     assert result["skipped_images"] == 2 and result["images_seen"] == 8
@@ -360,10 +416,26 @@ def test_distillation_student_matches_teacher(assets: dict[str, Path], tmp_path:
     before = gap(teacher)
     out = tmp_path / "student"
     # Pure L2 distillation here: LPIPS and REPA with random stand-in networks only add noise.
-    argv = base_args(assets, out, "--teacher_model_name_or_path", str(teacher_dir), "--teacher_steps",
-                     str(teacher_steps), "--max_train_steps", "40", "--train_batch_size", "4",
-                     "--optimizer", "adamw", "--lr_warmup_steps", "0", "--lpips_weight", "0",
-                     "--repa_weight", "0")
+    argv = base_args(
+        assets,
+        out,
+        "--teacher_model_name_or_path",
+        str(teacher_dir),
+        "--teacher_steps",
+        str(teacher_steps),
+        "--max_train_steps",
+        "40",
+        "--train_batch_size",
+        "4",
+        "--optimizer",
+        "adamw",
+        "--lr_warmup_steps",
+        "0",
+        "--lpips_weight",
+        "0",
+        "--repa_weight",
+        "0",
+    )
     args = distill_ssdd.parse_args(argv)
     assert args.distill and args.learning_rate == 1e-4 and args.teacher_model_name_or_path
     result = run(argv, distill=True)
@@ -386,13 +458,44 @@ def test_accelerate_launch_two_processes(assets: dict[str, Path], tmp_path: Path
     so the two CPU processes are started with `--multi_gpu` (torchrun) plus ACCELERATE_USE_CPU=true, which
     makes accelerate pick MULTI_CPU with the gloo backend."""
     out = tmp_path / "ddp"
-    argv = base_args(assets, out, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                     "--optimizer", "adamw", "--lr_warmup_steps", "0", "--num_validation_images", "0")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
-           "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "training" / "train_ssdd.py"), *argv]
+    argv = base_args(
+        assets,
+        out,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--optimizer",
+        "adamw",
+        "--lr_warmup_steps",
+        "0",
+        "--num_validation_images",
+        "0",
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "ACCELERATE_USE_CPU": "true",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "training" / "train_ssdd.py"),
+        *argv,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "MULTI_CPU" in proc.stdout + proc.stderr
@@ -416,8 +519,10 @@ def fixed_multiscale_loss(vae: SSDDAutoencoder, images: torch.Tensor, stages: in
     vae.eval()
     generator = torch.Generator().manual_seed(4321)
     z = vae.encode(images).latent_dist.mode()
-    losses = [multiscale_flow_matching_loss(vae.decoder, images, z, stages, generator)["fm"].item()
-              for _ in range(repeats)]
+    losses = [
+        multiscale_flow_matching_loss(vae.decoder, images, z, stages, generator)["fm"].item()
+        for _ in range(repeats)
+    ]
     return sum(losses) / repeats
 
 
@@ -426,9 +531,26 @@ def test_multiscale_training_lowers_loss_and_records_layout(assets: dict[str, Pa
     images = load_images(assets["images"])
     init = SSDDAutoencoder.from_pretrained(assets["init_model"])
     before = fixed_multiscale_loss(init, images, 2)
-    run(base_args(assets, out, "--pretrained_model_name_or_path", str(assets["init_model"]),
-                  "--multiscale_stages", "2", "--max_train_steps", "12", "--optimizer", "adamw",
-                  "--learning_rate", "2e-3", "--lr_warmup_steps", "0", "--repa_weight", "0"))
+    run(
+        base_args(
+            assets,
+            out,
+            "--pretrained_model_name_or_path",
+            str(assets["init_model"]),
+            "--multiscale_stages",
+            "2",
+            "--max_train_steps",
+            "12",
+            "--optimizer",
+            "adamw",
+            "--learning_rate",
+            "2e-3",
+            "--lr_warmup_steps",
+            "0",
+            "--repa_weight",
+            "0",
+        )
+    )
     trained = SSDDAutoencoder.from_pretrained(out)
     after = fixed_multiscale_loss(trained, images, 2)
     print(f"fixed-draw multi-scale FM loss: {before:.4f} -> {after:.4f} (ratio {after / before:.3f})")

@@ -88,75 +88,136 @@ ENCODER_CONFIG_KEYS = (
 def build_parser(distill: bool = False) -> argparse.ArgumentParser:
     """Argument parser shared by ``train_ssdd.py`` and ``distill_ssdd.py`` (``distill`` sets defaults)."""
     parser = argparse.ArgumentParser(
-        description="Single-step distillation of an SSDD decoder." if distill
+        description="Single-step distillation of an SSDD decoder."
+        if distill
         else "Train an SSDD autoencoder.",
     )
     g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                   help="Fine-tune (or, with --distill, initialise the student) from this SSDD model.")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        default=None,
+        help="Fine-tune (or, with --distill, initialise the student) from this SSDD model.",
+    )
     g.add_argument("--pretrained_model_subfolder", type=str, default=None)
-    g.add_argument("--pretrained_encoder", type=str, default=None,
-                   help="Take a frozen encoder from this SSDDAutoencoder or diffusers AutoencoderKL "
-                        "(folder or Hub repo); the decoder is a fresh --decoder preset.")
-    g.add_argument("--pretrained_encoder_subfolder", type=str, default=None,
-                   help="E.g. 'vae' for the AutoencoderKL inside a Stable Diffusion repo.")
+    g.add_argument(
+        "--pretrained_encoder",
+        type=str,
+        default=None,
+        help="Take a frozen encoder from this SSDDAutoencoder or diffusers AutoencoderKL "
+        "(folder or Hub repo); the decoder is a fresh --decoder preset.",
+    )
+    g.add_argument(
+        "--pretrained_encoder_subfolder",
+        type=str,
+        default=None,
+        help="E.g. 'vae' for the AutoencoderKL inside a Stable Diffusion repo.",
+    )
     g.add_argument("--encoder", type=str, default="f8c4", help="Encoder preset f{F}c{C} for a fresh model.")
     g.add_argument("--decoder", type=str, default="M", help="Decoder preset: XS, S, B, M, L, XL, H, XH, G.")
-    g.add_argument("--model_config", type=str, default=None,
-                   help="JSON object (or path to a .json file) of SSDDAutoencoder config overrides for a "
-                        "fresh model or a fresh decoder.")
-    g.add_argument("--train_encoder", action="store_true",
-                   help="Train encoder + decoder jointly (adds the KL term). Default: frozen encoder.")
+    g.add_argument(
+        "--model_config",
+        type=str,
+        default=None,
+        help="JSON object (or path to a .json file) of SSDDAutoencoder config overrides for a "
+        "fresh model or a fresh decoder.",
+    )
+    g.add_argument(
+        "--train_encoder",
+        action="store_true",
+        help="Train encoder + decoder jointly (adds the KL term). Default: frozen encoder.",
+    )
     g.add_argument("--gradient_checkpointing", action="store_true")
 
     g = parser.add_argument_group("distillation")
-    g.add_argument("--distill", action="store_true", default=distill,
-                   help="GAN-free single-step distillation from a frozen N-step teacher.")
-    g.add_argument("--teacher_model_name_or_path", type=str, default=None,
-                   help="Teacher SSDD model; in a checkpoint folder its vae_ema/ (EMA weights) is used.")
+    g.add_argument(
+        "--distill",
+        action="store_true",
+        default=distill,
+        help="GAN-free single-step distillation from a frozen N-step teacher.",
+    )
+    g.add_argument(
+        "--teacher_model_name_or_path",
+        type=str,
+        default=None,
+        help="Teacher SSDD model; in a checkpoint folder its vae_ema/ (EMA weights) is used.",
+    )
     g.add_argument("--teacher_subfolder", type=str, default=None)
     g.add_argument("--teacher_steps", type=int, default=12, help="Euler steps of the teacher sampler.")
-    g.add_argument("--multiscale_stages", type=int, default=1,
-                   help="K > 1: multi-scale coarse-to-fine training (arXiv 2603.19570) with K stages at "
-                        "resolution/2^(K-1) ... resolution; with --distill, per-scale distillation of a "
-                        "K-stage teacher into one step per stage.")
+    g.add_argument(
+        "--multiscale_stages",
+        type=int,
+        default=1,
+        help="K > 1: multi-scale coarse-to-fine training (arXiv 2603.19570) with K stages at "
+        "resolution/2^(K-1) ... resolution; with --distill, per-scale distillation of a "
+        "K-stage teacher into one step per stage.",
+    )
 
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset_name", type=str, default=None,
-                   help="datasets source: Hub name, dataset script or save_to_disk folder.")
+    g.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="datasets source: Hub name, dataset script or save_to_disk folder.",
+    )
     g.add_argument("--dataset_config_name", type=str, default=None)
     g.add_argument("--dataset_split", type=str, default="train")
     g.add_argument("--image_column", type=str, default=None)
     g.add_argument("--streaming", action="store_true")
-    g.add_argument("--train_data_dir", type=str, default=None,
-                   help="Folder of images (imagefolder layout or plain, searched recursively).")
+    g.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Folder of images (imagefolder layout or plain, searched recursively).",
+    )
     g.add_argument("--cache_dir", type=str, default=None)
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--resolution", type=int, default=128)
-    g.add_argument("--random_resize_scale", type=float, default=1.0,
-                   help="Resize the shorter side to a random size in [S, scale*S] before the random crop.")
+    g.add_argument(
+        "--random_resize_scale",
+        type=float,
+        default=1.0,
+        help="Resize the shorter side to a random size in [S, scale*S] before the random crop.",
+    )
     g.add_argument("--random_flip", action="store_true")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
 
     g = parser.add_argument_group("losses")
-    g.add_argument("--fm_weight", type=float, default=1.0,
-                   help="Flow-matching weight (the L2-to-teacher weight when distilling).")
+    g.add_argument(
+        "--fm_weight",
+        type=float,
+        default=1.0,
+        help="Flow-matching weight (the L2-to-teacher weight when distilling).",
+    )
     g.add_argument("--lpips_weight", type=float, default=0.5)
     g.add_argument("--repa_weight", type=float, default=0.25)
     g.add_argument("--kl_weight", type=float, default=1e-6, help="Only used with --train_encoder.")
     g.add_argument("--lpips_net", type=str, default="vgg", choices=["vgg", "alex", "squeeze"])
-    g.add_argument("--lpips_backbone", type=str, default="pretrained", choices=["pretrained", "random"],
-                   help="'random' is meaningless and for offline tests only.")
-    g.add_argument("--repa_model", type=str, default="facebook/dinov2-base",
-                   help="DINOv2 Hub id or local folder for REPA.")
+    g.add_argument(
+        "--lpips_backbone",
+        type=str,
+        default="pretrained",
+        choices=["pretrained", "random"],
+        help="'random' is meaningless and for offline tests only.",
+    )
+    g.add_argument(
+        "--repa_model",
+        type=str,
+        default="facebook/dinov2-base",
+        help="DINOv2 Hub id or local folder for REPA.",
+    )
     g.add_argument("--repa_block", type=int, default=None, help="Default: min(4, num_layers // 2).")
     g.add_argument("--logit_normal_mean", type=float, default=0.0)
     g.add_argument("--logit_normal_std", type=float, default=1.0)
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optimizer", type=str, default="radam_schedulefree", choices=OPTIMIZERS)
-    g.add_argument("--learning_rate", type=float, default=None,
-                   help=f"Default {DEFAULT_LR} ({DEFAULT_DISTILL_LR} with --distill).")
+    g.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help=f"Default {DEFAULT_LR} ({DEFAULT_DISTILL_LR} with --distill).",
+    )
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
@@ -172,8 +233,12 @@ def build_parser(distill: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA.")
-    g.add_argument("--ema_start_step", type=int, default=50_000,
-                   help="Before this step the EMA is a copy of the weights (decay 0).")
+    g.add_argument(
+        "--ema_start_step",
+        type=int,
+        default=50_000,
+        help="Before this step the EMA is a copy of the weights (decay 0).",
+    )
 
     g = parser.add_argument_group("logging, validation, checkpoints")
     g.add_argument("--output_dir", type=str, default="ssdd-model")
@@ -207,15 +272,18 @@ def parse_args(input_args: list[str] | None = None, distill: bool = False) -> ar
     if args.distill and args.train_encoder:
         raise ValueError("Distillation keeps the encoder frozen; drop --train_encoder.")
     if args.pretrained_model_name_or_path and args.pretrained_encoder:
-        raise ValueError("--pretrained_encoder builds a fresh decoder; it conflicts with "
-                         "--pretrained_model_name_or_path.")
+        raise ValueError(
+            "--pretrained_encoder builds a fresh decoder; it conflicts with --pretrained_model_name_or_path."
+        )
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps (the dataset length is unknown).")
     if args.resolution % 8:
         raise ValueError("--resolution must be a multiple of 8.")
     if args.multiscale_stages < 1 or args.resolution % (8 * 2 ** (args.multiscale_stages - 1)):
-        raise ValueError(f"--multiscale_stages {args.multiscale_stages} needs --resolution a multiple of "
-                         f"{8 * 2 ** max(args.multiscale_stages - 1, 0)} (every stage a multiple of 8).")
+        raise ValueError(
+            f"--multiscale_stages {args.multiscale_stages} needs --resolution a multiple of "
+            f"{8 * 2 ** max(args.multiscale_stages - 1, 0)} (every stage a multiple of 8)."
+        )
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_DISTILL_LR if args.distill else DEFAULT_LR
     if args.lpips_backbone == "random":
@@ -396,8 +464,11 @@ def run_validation(
 # Main
 # ====================================================================================================
 def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
-            if k != "hub_token"}
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in vars(args).items()
+        if k != "hub_token"
+    }
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -471,17 +542,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         val_images = validation_images(raw_dataset, args.resolution, args.num_validation_images)
     sampler = None
     if isinstance(train_dataset, IterableDataset):
-        dataloader = DataLoader(train_dataset, batch_size=args.train_batch_size, collate_fn=collate_images,
-                                num_workers=args.dataloader_num_workers)
+        dataloader = DataLoader(
+            train_dataset,
+            batch_size=args.train_batch_size,
+            collate_fn=collate_images,
+            num_workers=args.dataloader_num_workers,
+        )
     else:
         sampler = EpochShuffleSampler(len(train_dataset), seed=args.seed)
-        dataloader = DataLoader(train_dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                collate_fn=collate_images, num_workers=args.dataloader_num_workers)
+        dataloader = DataLoader(
+            train_dataset,
+            batch_size=args.train_batch_size,
+            sampler=sampler,
+            collate_fn=collate_images,
+            num_workers=args.dataloader_num_workers,
+        )
 
     # ---------------------------------------------------------------- optimiser
     groups = weight_decay_param_groups(objective.trainable_modules(), args.weight_decay)
-    optimizer = create_optimizer(args.optimizer, groups, args.learning_rate,
-                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    optimizer = create_optimizer(
+        args.optimizer,
+        groups,
+        args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+    )
 
     steps_per_epoch = None
     if not isinstance(train_dataset, IterableDataset):
@@ -489,7 +574,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = create_lr_scheduler(
-        args.optimizer, optimizer, args.lr_scheduler,
+        args.optimizer,
+        optimizer,
+        args.lr_scheduler,
         warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         total_steps=max_train_steps * accelerator.num_processes,
     )
@@ -562,8 +649,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         images_before = int(state.get("images_seen", 0))
     set_optimizer_mode(optimizer, train=True)
     first_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
-    resume_batches = (global_step - first_epoch * steps_per_epoch) * args.gradient_accumulation_steps \
-        if steps_per_epoch else global_step * args.gradient_accumulation_steps
+    resume_batches = (
+        (global_step - first_epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        if steps_per_epoch
+        else global_step * args.gradient_accumulation_steps
+    )
 
     # ---------------------------------------------------------------- training loop
     unwrapped = accelerator.unwrap_model(model)
@@ -577,8 +667,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"steps = {max_train_steps}, "
         f"start step = {global_step}"
     )
-    progress = tqdm(total=max_train_steps, initial=global_step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=max_train_steps,
+        initial=global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
     loss_history: list[dict[str, float]] = []
     last_metrics: dict[str, float] = {}
     skipped_local = 0
@@ -615,21 +709,36 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 loss_scale = 0.0
             pixel_values = pixel_values.to(accelerator.device, non_blocking=True)
             batch_size = pixel_values.shape[0] if loss_scale else 0
-            generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index,
-                                       accelerator.device)
+            generator = step_generator(
+                args.seed, global_step, micro_step, accelerator.process_index, accelerator.device
+            )
             with accelerator.accumulate(model):
                 if teacher is not None and args.multiscale_stages > 1:
                     with accelerator.autocast():
                         z, noise, stage_ends = teacher_multiscale_targets(
-                            teacher, pixel_values, generator, args.multiscale_stages, args.teacher_steps)
-                    out = model(pixel_values, generator, z=z, noise=noise,
-                                target=[t.float() for t in stage_ends], loss_scale=loss_scale)
+                            teacher, pixel_values, generator, args.multiscale_stages, args.teacher_steps
+                        )
+                    out = model(
+                        pixel_values,
+                        generator,
+                        z=z,
+                        noise=noise,
+                        target=[t.float() for t in stage_ends],
+                        loss_scale=loss_scale,
+                    )
                 elif teacher is not None:
                     with accelerator.autocast():
-                        z, noise, target = distillation_targets(teacher, pixel_values, generator,
-                                                                args.teacher_steps)
-                    out = model(pixel_values, generator, z=z, noise=noise, target=target.float(),
-                                loss_scale=loss_scale)
+                        z, noise, target = distillation_targets(
+                            teacher, pixel_values, generator, args.teacher_steps
+                        )
+                    out = model(
+                        pixel_values,
+                        generator,
+                        z=z,
+                        noise=noise,
+                        target=target.float(),
+                        loss_scale=loss_scale,
+                    )
                 else:
                     out = model(pixel_values, generator, loss_scale=loss_scale)
                 accelerator.backward(out["loss"])
@@ -664,8 +773,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             tick, step_images, micro_step, sums = now, 0, 0, {}
             loss_history.append({"step": global_step, **logs})
             progress.update(1)
-            progress.set_postfix(**format_losses(logs, ["loss", "fm", "lpips", "repa", "kl"]),
-                                 img_s=f"{logs['images_per_s']:.1f}")
+            progress.set_postfix(
+                **format_losses(logs, ["loss", "fm", "lpips", "repa", "kl"]),
+                img_s=f"{logs['images_per_s']:.1f}",
+            )
             accelerator.log(logs, step=global_step)
 
             do_validation = bool(args.validation_steps) and global_step % args.validation_steps == 0
@@ -673,13 +784,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if do_validation or do_checkpoint:
                 with schedule_free_eval(optimizer):  # on every process, so replicas stay identical
                     if do_validation and accelerator.is_main_process and val_images is not None:
-                        last_metrics = run_validation(unwrapped.vae, val_images, args, accelerator,
-                                                      global_step, ema)
+                        last_metrics = run_validation(
+                            unwrapped.vae, val_images, args, accelerator, global_step, ema
+                        )
                         objective.train()
                     if do_checkpoint:
                         skipped, seen = counters()
                         save_checkpoint_atomic(
-                            accelerator, output_dir, global_step,
+                            accelerator,
+                            output_dir,
+                            global_step,
                             state={"skipped_images": skipped, "images_seen": seen, "epoch": epoch},
                             total_limit=args.checkpoints_total_limit,
                         )
@@ -708,37 +822,59 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.distill:
             final_vae.register_to_config(num_inference_steps=args.multiscale_stages)
         if val_images is not None:
-            result["validation"] = run_validation(final_vae, val_images, args, accelerator, global_step,
-                                                  tag="final")
+            result["validation"] = run_validation(
+                final_vae, val_images, args, accelerator, global_step, tag="final"
+            )
         final_vae.save_pretrained(output_dir, safe_serialization=True)
         recipe = {
-            "stage": "distillation" if args.distill else ("joint encoder+decoder" if args.train_encoder
-                                                          else "decoder (frozen encoder)"),
-            "optimizer": args.optimizer, "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
-            "fm_weight": args.fm_weight, "lpips_weight": args.lpips_weight,
-            "lpips": f"{args.lpips_net} ({args.lpips_backbone})", "repa_weight": args.repa_weight,
-            "repa_model": args.repa_model, "kl_weight": args.kl_weight if args.train_encoder else 0.0,
-            "ema_decay": args.ema_decay, "ema_start_step": args.ema_start_step,
-            "random_resize_scale": args.random_resize_scale, "random_flip": args.random_flip,
-            "total_batch_size": total_batch, "mixed_precision": accelerator.mixed_precision,
+            "stage": "distillation"
+            if args.distill
+            else ("joint encoder+decoder" if args.train_encoder else "decoder (frozen encoder)"),
+            "optimizer": args.optimizer,
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "max_grad_norm": args.max_grad_norm,
+            "fm_weight": args.fm_weight,
+            "lpips_weight": args.lpips_weight,
+            "lpips": f"{args.lpips_net} ({args.lpips_backbone})",
+            "repa_weight": args.repa_weight,
+            "repa_model": args.repa_model,
+            "kl_weight": args.kl_weight if args.train_encoder else 0.0,
+            "ema_decay": args.ema_decay,
+            "ema_start_step": args.ema_start_step,
+            "random_resize_scale": args.random_resize_scale,
+            "random_flip": args.random_flip,
+            "total_batch_size": total_batch,
+            "mixed_precision": accelerator.mixed_precision,
             "multiscale_stages": args.multiscale_stages,
         }
         if args.distill:
             recipe["teacher"] = args.teacher_model_name_or_path
             recipe["teacher_steps"] = args.teacher_steps
-        write_model_card(output_dir, {
-            "repo_id": repo_id or args.hub_model_id, "stage": recipe["stage"], "base_model": base_model,
-            "data": args.dataset_name or args.train_data_dir, "num_images": images_total,
-            "skipped_images": skipped_total, "resolution": args.resolution, "global_step": global_step,
-            "train_batch_size": args.train_batch_size, "recipe": recipe,
-            "validation": result["validation"], "num_inference_steps": final_vae.config.num_inference_steps,
-        })
+        write_model_card(
+            output_dir,
+            {
+                "repo_id": repo_id or args.hub_model_id,
+                "stage": recipe["stage"],
+                "base_model": base_model,
+                "data": args.dataset_name or args.train_data_dir,
+                "num_images": images_total,
+                "skipped_images": skipped_total,
+                "resolution": args.resolution,
+                "global_step": global_step,
+                "train_batch_size": args.train_batch_size,
+                "recipe": recipe,
+                "validation": result["validation"],
+                "num_inference_steps": final_vae.config.num_inference_steps,
+            },
+        )
         if args.push_to_hub:
             push_folder_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
             result["repo_id"] = repo_id
-        logger.info(f"Saved {output_dir}. Skipped {skipped_total} unreadable image(s) out of "
-                    f"{images_total + skipped_total} loaded.")
+        logger.info(
+            f"Saved {output_dir}. Skipped {skipped_total} unreadable image(s) out of "
+            f"{images_total + skipped_total} loaded."
+        )
     accelerator.end_training()
     return result
 

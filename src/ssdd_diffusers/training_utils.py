@@ -714,9 +714,7 @@ def reconstruction_grid(columns: Sequence[Tensor], padding: int = 2) -> Image.Im
 
 
 @torch.no_grad()
-def reconstruct(
-    vae: Any, images: Tensor, num_inference_steps: int, seed: int = 0
-) -> Tensor:
+def reconstruct(vae: Any, images: Tensor, num_inference_steps: int, seed: int = 0) -> Tensor:
     """Encode (posterior mode) and decode ``images`` with fixed noise from ``seed``."""
     z = vae.encode(images).latent_dist.mode()
     generator = torch.Generator(device=images.device).manual_seed(seed)
