@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from .losses import LPIPSLoss, REPALoss, flow_matching_loss, kl_loss, repa_block_index
+from .metrics import to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -684,12 +685,11 @@ def save_checkpoint_atomic(
 # Validation
 # ====================================================================================================
 def psnr(prediction: Tensor, target: Tensor) -> Tensor:
-    """Per-image PSNR (dB) of images in [-1, 1], clamped and quantised to 8 bits first: (B,)."""
+    """Per-image PSNR (dB) of images in [-1, 1], clamped and quantised to 8 bits first: (B,).
 
-    def to_uint8_float(x: Tensor) -> Tensor:
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255.0
-
-    mse = (to_uint8_float(prediction) - to_uint8_float(target)).pow(2).flatten(1).mean(1)
+    Unlike :func:`ssdd_diffusers.metrics.psnr`, identical images give 100 dB (not inf), so that loggers
+    always receive a finite number."""
+    mse = ((to_uint8(prediction).float() - to_uint8(target).float()) / 255.0).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
