@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, Sampler
 
+from .evaluation import make_image_grid
 from .losses import LPIPSLoss, REPALoss, flow_matching_loss, kl_loss, repa_block_index
 from .metrics import to_uint8
 
@@ -693,24 +694,10 @@ def psnr(prediction: Tensor, target: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def to_pil(image: Tensor) -> Image.Image:
-    """(3, H, W) tensor in [-1, 1] -> RGB PIL image."""
-    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
-
-
 def reconstruction_grid(columns: Sequence[Tensor], padding: int = 2) -> Image.Image:
     """One row per image, one column per tensor (e.g. input | 1-step | N-step), white padding."""
-    rows, _, height, width = columns[0].shape
-    grid = Image.new(
-        "RGB",
-        (len(columns) * (width + padding) + padding, rows * (height + padding) + padding),
-        (255, 255, 255),
-    )
-    for c, column in enumerate(columns):
-        for r in range(rows):
-            grid.paste(to_pil(column[r]), (padding + c * (width + padding), padding + r * (height + padding)))
-    return grid
+    rows = [torch.stack([column[r] for column in columns]) for r in range(columns[0].shape[0])]
+    return make_image_grid(rows, padding=padding)
 
 
 @torch.no_grad()
