@@ -1,0 +1,62 @@
+"""The decoder's memory-format choice and its fused time-modulated GroupNorm keep its numbers."""
+
+import pytest
+import torch
+from torch import nn
+
+from ssdd_diffusers.models.uvit_decoder import UViTDecoder, _group_norm_scale_shift
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_scale_shift_matches_unfused(affine: bool, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(8, 32, affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    x = torch.randn(3, 32, 6, 10) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = torch.randn(3, 32), torch.randn(3, 32)
+    expected = norm(x) * scale[:, :, None, None] + shift[:, :, None, None]
+    torch.testing.assert_close(_group_norm_scale_shift(x, norm, scale, shift), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # in-place inference path
+        torch.testing.assert_close(
+            _group_norm_scale_shift(x, norm, scale, shift), expected, atol=1e-5, rtol=1e-5
+        )
+
+
+def test_group_norm_scale_shift_gradients_match() -> None:
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 8)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    scale = torch.randn(2, 8, requires_grad=True)
+    shift = torch.randn(2, 8, requires_grad=True)
+    fused = _group_norm_scale_shift(x, norm, scale, shift)
+    grads = torch.autograd.grad(fused.square().sum(), (x, scale, shift, norm.weight))
+    reference = norm(x) * scale[:, :, None, None] + shift[:, :, None, None]
+    expected = torch.autograd.grad(reference.square().sum(), (x, scale, shift, norm.weight))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_layout_auto_and_forced_agree() -> None:
+    torch.manual_seed(0)
+    decoder = UViTDecoder(block_out_channels=(32, 64), transformer_layers=1, attention_window=2).eval()
+    for p in decoder.parameters():
+        p.data.normal_(0, 0.1)
+    assert decoder.channels_last is None  # auto: NHWC on CPU, NCHW on accelerators
+    assert decoder._use_channels_last(torch.device("cpu"))
+    assert not decoder._use_channels_last(torch.device("cuda"))
+    x, z = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        outputs = {}
+        for layout in (None, True, False):
+            decoder.channels_last = layout
+            outputs[layout] = decoder(x, torch.tensor([0.3, 0.9]), z)
+    assert outputs[None].abs().max() > 0.01
+    torch.testing.assert_close(outputs[True], outputs[None], atol=0, rtol=0)
+    torch.testing.assert_close(outputs[False], outputs[True], atol=2e-5, rtol=1e-4)
+    decoder.channels_last = True
+    assert decoder._use_channels_last(torch.device("cuda"))
