@@ -163,12 +163,10 @@ def test_from_pretrained_rejects_other_class(tmp_path):
         SSDDAutoencoder.from_pretrained(tmp_path)
 
 
-@torch.no_grad()
-def test_from_autoencoder_kl_shares_latent_space():
+def tiny_kl(**overrides):
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
-    kl = AutoencoderKL(
+    config = dict(
         block_out_channels=(32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -176,12 +174,80 @@ def test_from_autoencoder_kl_shares_latent_space():
         latent_channels=4,
         norm_num_groups=32,
         scaling_factor=0.18215,
-    ).eval()
+    )
+    config.update(overrides)
+    torch.manual_seed(0)
+    kl = AutoencoderKL(**config).eval()
+    with torch.no_grad():  # non-trivial weights everywhere (diffusers zero-inits nothing here, but be sure)
+        for p in kl.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return kl
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # SD-VAE layout
+        {"scaling_factor": 0.13025, "force_upcast": False},  # SDXL-VAE values
+        {  # SD3/FLUX-style: 16 channels, no quant_conv, shift factor
+            "latent_channels": 16,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+            "scaling_factor": 1.5305,
+            "shift_factor": 0.0609,
+        },
+        {"latents_mean": (0.1, -0.2, 0.3, 0.0), "latents_std": (1.5, 2.0, 0.5, 1.0)},
+    ],
+)
+@torch.no_grad()
+def test_from_autoencoder_kl_gives_identical_posteriors(overrides):
+    kl = tiny_kl(**overrides)
     vae = SSDDAutoencoder.from_autoencoder_kl(kl, decoder="XS").eval()
+    x = images(2)
+    ours, theirs = vae.encode(x).latent_dist, kl.encode(x).latent_dist
+    assert theirs.std.min() < 0.999 or theirs.mean.abs().max() > 1e-3  # a non-degenerate posterior
+    torch.testing.assert_close(ours.mean, theirs.mean, atol=0, rtol=0)
+    torch.testing.assert_close(ours.logvar, theirs.logvar, atol=0, rtol=0)
+    for key in ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "latent_channels"):
+        expected = kl.config[key]
+        expected = tuple(expected) if isinstance(expected, list) else expected
+        got = vae.config[key]
+        assert (tuple(got) if isinstance(got, list) else got) == expected, key
+    assert vae.decode(ours.mode()).sample.shape == x.shape
+    assert (
+        vae.config.decoder_block_out_channels
+        == SSDDAutoencoder.from_preset(decoder="XS").config["decoder_block_out_channels"]
+    )
+
+
+def test_from_autoencoder_kl_survives_save_and_reload(tmp_path):
+    kl = tiny_kl(shift_factor=0.25)
+    vae = SSDDAutoencoder.from_autoencoder_kl(kl, decoder="XS", num_inference_steps=1)
+    vae.save_pretrained(tmp_path)
+    reloaded = SSDDAutoencoder.from_pretrained(tmp_path).eval()
+    assert reloaded.config.shift_factor == 0.25 and reloaded.config.num_inference_steps == 1
     x = images(1)
-    assert torch.allclose(vae.encode(x).latent_dist.mean, kl.encode(x).latent_dist.mean, atol=1e-6)
-    assert vae.config.scaling_factor == 0.18215
-    assert vae.decode(kl.encode(x).latent_dist.mode()).sample.shape == x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.encode(x).latent_dist.mean, kl.encode(x).latent_dist.mean, atol=0, rtol=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"act_fn": "gelu"}, "act_fn must be 'silu'"),
+        ({"mid_block_add_attention": False}, "mid_block_add_attention=False"),
+    ],
+)
+def test_from_autoencoder_kl_rejects_incompatible_encoders(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SSDDAutoencoder.from_autoencoder_kl(tiny_kl(**overrides), decoder="XS")
+
+
+def test_from_autoencoder_kl_rejects_other_models():
+    with pytest.raises(TypeError, match="expects a diffusers.AutoencoderKL; got SSDDAutoencoder"):
+        SSDDAutoencoder.from_autoencoder_kl(SSDDAutoencoder.from_preset(decoder="XS"))
 
 
 def test_upstream_m_checkpoint_layout_maps_one_to_one():

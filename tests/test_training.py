@@ -255,6 +255,42 @@ def test_loss_decreases_and_frozen_encoder_is_unchanged(assets: dict[str, Path],
     assert any(not torch.equal(t, final_state[n]) for n, t in init_state.items() if n.startswith("decoder."))
 
 
+def test_pretrained_encoder_from_autoencoder_kl(assets: dict[str, Path], tmp_path: Path) -> None:
+    """--pretrained_encoder takes an AutoencoderKL (here inside a pipeline-style 'vae' subfolder): the
+    trained model encodes exactly like it and carries its latent scaling."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    kl = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.13025,
+        shift_factor=0.1,
+    ).eval()
+    kl.save_pretrained(tmp_path / "sd_pipeline" / "vae")
+    decoder_only = {k: v for k, v in H.TINY_MODEL_CONFIG.items() if k not in train_ssdd.ENCODER_CONFIG_KEYS}
+    argv = base_args(assets, tmp_path / "run", "--max_train_steps", "2")
+    argv[argv.index("--model_config") + 1] = json.dumps(decoder_only)
+    argv += ["--pretrained_encoder", str(tmp_path / "sd_pipeline"), "--pretrained_encoder_subfolder", "vae"]
+    result = run(argv)
+    assert result["global_step"] == 2
+    trained = SSDDAutoencoder.from_pretrained(tmp_path / "run").eval()
+    assert trained.config.scaling_factor == 0.13025 and trained.config.shift_factor == 0.1
+    images = load_images(assets["images"], count=2)
+    with torch.no_grad():
+        ours, theirs = trained.encode(images).latent_dist, kl.encode(images).latent_dist
+    torch.testing.assert_close(ours.mean, theirs.mean, atol=0, rtol=0)
+    torch.testing.assert_close(ours.logvar, theirs.logvar, atol=0, rtol=0)
+
+    with pytest.raises(ValueError, match="--pretrained_encoder fixes the encoder"):
+        kl_folder = str(tmp_path / "sd_pipeline" / "vae")
+        run(base_args(assets, tmp_path / "bad", "--pretrained_encoder", kl_folder))
+
+
 def test_train_encoder_changes_encoder_and_adds_kl(assets: dict[str, Path], tmp_path: Path) -> None:
     """--train_encoder updates the encoder and logs KL; --repa_weight 0 never touches --repa_model."""
     out = tmp_path / "run"

@@ -338,6 +338,12 @@ def _model_on_pretrained_encoder(args: argparse.Namespace, overrides: dict[str, 
     from diffusers import AutoencoderKL
 
     source, subfolder = args.pretrained_encoder, args.pretrained_encoder_subfolder
+    fixed = sorted(k for k in overrides if k in ENCODER_CONFIG_KEYS)
+    if fixed:
+        raise ValueError(
+            f"--model_config sets encoder keys {fixed}, but --pretrained_encoder fixes the encoder; "
+            "pass only decoder and sampling keys."
+        )
     config = AutoencoderKL.load_config(source, subfolder=subfolder)
     class_name = config.get("_class_name")
     if class_name == "AutoencoderKL":

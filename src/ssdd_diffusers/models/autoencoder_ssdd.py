@@ -180,26 +180,65 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
     @classmethod
     def from_autoencoder_kl(cls, autoencoder_kl, decoder: str = "M", **config_overrides) -> SSDDAutoencoder:
         """SSDD model whose encoder (weights, latent space and scaling) is taken from a diffusers
-        ``AutoencoderKL``; the decoder is a fresh, randomly initialised preset."""
+        ``AutoencoderKL``; the decoder is a fresh, randomly initialised preset.
+
+        Copies the encoder and ``quant_conv`` weights (an identity ``quant_conv`` when the source has
+        ``use_quant_conv=False``) and ``scaling_factor``, ``shift_factor``, ``latents_mean`` and
+        ``latents_std``, so ``encode`` returns exactly the source's posterior: a decoder trained on this
+        frozen encoder decodes the latent space that existing DiTs and SD-style models were trained on.
+        Works for the LDM layout (SD-VAE, SD2, SDXL-VAE, SD3/FLUX-style 16-channel VAEs); raises
+        ``ValueError`` for encoders it cannot reproduce.
+
+        Args:
+            autoencoder_kl: a ``diffusers.AutoencoderKL`` (e.g. ``AutoencoderKL.from_pretrained(
+                "stabilityai/sd-vae-ft-ema")``).
+            decoder: decoder size preset ("XS" ... "G").
+            config_overrides: any other ``SSDDAutoencoder`` config value (e.g. ``num_inference_steps``).
+        """
+        from diffusers import AutoencoderKL
+
+        if not isinstance(autoencoder_kl, AutoencoderKL):
+            raise TypeError(
+                f"from_autoencoder_kl expects a diffusers.AutoencoderKL; got {type(autoencoder_kl).__name__}."
+            )
         kl = autoencoder_kl.config
+        problems = []
         if any(t != "DownEncoderBlock2D" for t in kl.down_block_types):
-            raise ValueError(f"Only DownEncoderBlock2D encoders are supported; got {kl.down_block_types}.")
+            problems.append(
+                f"down_block_types must all be 'DownEncoderBlock2D' (got {list(kl.down_block_types)})"
+            )
+        if kl.act_fn != "silu":
+            problems.append(f"act_fn must be 'silu' (got {kl.act_fn!r})")
+        if not kl.get("mid_block_add_attention", True):
+            problems.append(
+                "mid_block_add_attention=False is not supported (the SSDD encoder has mid attention)"
+            )
+        if problems:
+            raise ValueError(
+                "This AutoencoderKL's encoder cannot be reproduced by SSDDAutoencoder (LDM layout only): "
+                + "; ".join(problems)
+                + "."
+            )
         config = {
             "in_channels": kl.in_channels,
+            "out_channels": kl.out_channels,
             "latent_channels": kl.latent_channels,
             "block_out_channels": tuple(kl.block_out_channels),
             "layers_per_block": kl.layers_per_block,
             "norm_num_groups": kl.norm_num_groups,
             "scaling_factor": kl.scaling_factor,
             "shift_factor": kl.shift_factor,
-            "latents_mean": kl.latents_mean,
-            "latents_std": kl.latents_std,
+            "latents_mean": None if kl.latents_mean is None else tuple(kl.latents_mean),
+            "latents_std": None if kl.latents_std is None else tuple(kl.latents_std),
             "sample_size": kl.sample_size if isinstance(kl.sample_size, int) else 256,
             **decoder_preset(decoder),
             **config_overrides,
         }
         model = cls(**config)
-        model.encoder.load_state_dict(autoencoder_kl.encoder.state_dict())
+        try:
+            model.encoder.load_state_dict(autoencoder_kl.encoder.state_dict())
+        except RuntimeError as error:  # e.g. a custom encoder subclass with extra layers
+            raise ValueError(f"AutoencoderKL encoder weights do not fit the SSDD encoder: {error}") from error
         if autoencoder_kl.quant_conv is not None:
             model.quant_conv.load_state_dict(autoencoder_kl.quant_conv.state_dict())
         else:  # AutoencoderKL(use_quant_conv=False): identity
