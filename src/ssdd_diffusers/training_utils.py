@@ -15,8 +15,9 @@ Contents:
   :class:`EpochShuffleSampler`, :class:`SeededAugmentDataset`), which makes resuming exact.
 * Checkpoints: atomic writes (:func:`save_checkpoint_atomic`), ``latest`` resolution that ignores
   incomplete folders (:func:`resolve_resume_checkpoint`), rotation (:func:`prune_checkpoints`).
-* Validation helpers (:func:`psnr`, :func:`reconstruction_grid`) and the model card
-  (:func:`write_model_card`).
+* Validation helpers (:func:`psnr`, :func:`reconstruction_grid`), the model card
+  (:func:`write_model_card`, re-exported from :mod:`ssdd_diffusers.model_card`) and the Hub upload
+  (:func:`push_folder_to_hub`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from .evaluation import make_image_grid
 from .losses import LPIPSLoss, REPALoss, flow_matching_loss, kl_loss, repa_block_index
 from .metrics import to_uint8
+from .model_card import write_model_card, write_model_card_for_folder
 
 logger = logging.getLogger(__name__)
 
@@ -711,70 +713,6 @@ def reconstruct(vae: Any, images: Tensor, num_inference_steps: int, seed: int = 
 # ====================================================================================================
 # Model card and Hub
 # ====================================================================================================
-def write_model_card(output_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
-    """Write ``README.md`` (YAML metadata + recipe, data, steps and validation metrics) into ``output_dir``.
-
-    ``info`` keys used: ``repo_id``, ``stage``, ``base_model``, ``data``, ``num_images``,
-    ``skipped_images``, ``resolution``, ``global_step``, ``train_batch_size``, ``recipe`` (a dict of
-    flags), ``validation`` (a dict of metrics), ``num_inference_steps``.
-    """
-    recipe = dict(info.get("recipe", {}))
-    validation = dict(info.get("validation", {}))
-    lines = [
-        "---",
-        "library_name: diffusers",
-        "license: apache-2.0",
-        "tags:",
-        "- ssdd",
-        "- autoencoder",
-        "- diffusion-decoder",
-        "- image-reconstruction",
-        "- diffusers",
-        "- diffusers-training",
-    ]
-    base_model = str(info.get("base_model") or "")
-    if base_model and re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) and not Path(base_model).exists():
-        lines.append(f"base_model: {base_model}")  # Hub ids only; local paths are not valid metadata
-    lines += ["---", "", f"# {info.get('repo_id') or 'SSDD autoencoder'}", ""]
-    lines += [
-        "An SSDD (Single-Step Diffusion Decoder, arXiv 2510.04961) autoencoder trained with "
-        "`ssdd-diffusers`: a KL encoder and a flow-matching U-ViT pixel decoder, GAN-free.",
-        "",
-        "```python",
-        "import torch",
-        "from ssdd_diffusers import SSDDAutoencoder",
-        "",
-        f'vae = SSDDAutoencoder.from_pretrained("{info.get("repo_id") or "path/to/this/folder"}")',
-        "z = vae.encode(images).latent_dist.mode()      # images: (B, 3, H, W) in [-1, 1]",
-        f"recon = vae.decode(z).sample                   # {info.get('num_inference_steps', '?')} "
-        "Euler step(s) by default",
-        "```",
-        "",
-        "## Training",
-        "",
-        f"- Stage: {info.get('stage', 'decoder training')}",
-        f"- Data: {info.get('data', 'unknown')} ({info.get('num_images', '?')} images; "
-        f"{info.get('skipped_images', 0)} unreadable images skipped)",
-        f"- Resolution: {info.get('resolution', '?')} px",
-        f"- Optimisation steps: {info.get('global_step', '?')} "
-        f"(per-device batch {info.get('train_batch_size', '?')})",
-    ]
-    if info.get("base_model"):
-        lines.append(f"- Initialised from: `{info['base_model']}`")
-    if recipe:
-        lines += ["", "### Recipe", "", "| setting | value |", "|---|---|"]
-        lines += [f"| `{key}` | `{value}` |" for key, value in recipe.items()]
-    if validation:
-        lines += ["", "## Validation (fixed validation batch)", "", "| metric | value |", "|---|---|"]
-        lines += [
-            f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |"
-            for key, value in validation.items()
-        ]
-    path = Path(output_dir) / "README.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 HUB_IGNORE_PATTERNS = [f"{CHECKPOINT_PREFIX}*", "*.tmp", "logs/*", "logs"]
 
 
@@ -846,4 +784,5 @@ __all__ = [
     "step_generator",
     "weight_decay_param_groups",
     "write_model_card",
+    "write_model_card_for_folder",
 ]
