@@ -250,8 +250,8 @@ def test_from_autoencoder_kl_rejects_other_models():
         SSDDAutoencoder.from_autoencoder_kl(SSDDAutoencoder.from_preset(decoder="XS"))
 
 
-def test_upstream_m_checkpoint_layout_maps_one_to_one():
-    """Every key of the released f8c4 + M checkpoint loads, and the inferred config is the M preset."""
+def upstream_m_state() -> dict[str, torch.Tensor]:
+    """Zero tensors with every key and shape of the released f8c4 + M upstream checkpoint."""
     from conftest import FIXTURES
 
     state = {}
@@ -259,6 +259,12 @@ def test_upstream_m_checkpoint_layout_maps_one_to_one():
         if line and not line.startswith("#"):
             key, shape = line.split("\t")
             state[key] = torch.zeros(eval(shape))
+    return state
+
+
+def test_upstream_m_checkpoint_layout_maps_one_to_one():
+    """Every key of the released f8c4 + M checkpoint loads, and the inferred config is the M preset."""
+    state = upstream_m_state()
     assert len(state) == 536
     vae = SSDDAutoencoder.from_upstream_checkpoint(state)
     preset = SSDDAutoencoder.from_preset("f8c4", decoder="M")
@@ -272,6 +278,53 @@ def test_upstream_m_checkpoint_layout_maps_one_to_one():
         "latent_channels",
     ):
         assert vae.config[key] == preset.config[key], key
+
+
+UPSTREAM_EXPECTED = "Expected the upstream SSDD layout"
+
+
+def test_upstream_loader_rejects_a_diffusers_format_state_dict(tiny_vae, tmp_path):
+    """Weights already in the diffusers layout (``SSDDAutoencoder.state_dict()`` or its saved safetensors)
+    give a ValueError naming what they are and what to do, not an IndexError from config inference."""
+    from ssdd_diffusers.conversion import infer_upstream_config
+
+    tiny_vae.save_pretrained(tmp_path)
+    for source in (tiny_vae.state_dict(), tmp_path / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(ValueError) as err:
+            SSDDAutoencoder.from_upstream_checkpoint(source)
+        message = str(err.value)
+        assert message.startswith("Not an upstream SSDD checkpoint: this looks like a diffusers-format")
+        assert "SSDDAutoencoder.from_pretrained" in message
+        assert UPSTREAM_EXPECTED in message and "'encoder.down.0.block.0.conv1.weight'" in message
+    with pytest.raises(ValueError, match="diffusers-format SSDDAutoencoder state dict"):
+        infer_upstream_config(tiny_vae.state_dict())
+
+
+@pytest.mark.parametrize(
+    "case, found",
+    [
+        ("autoencoder_kl", "diffusers AutoencoderKL state dict, which has no SSDD decoder"),
+        ("other_encoder_decoder", "keys start with ['decoder.0', 'encoder.0']"),
+        ("no_encoder_or_decoder", "could not find SSDD weights ('encoder.*' / 'decoder.*' keys)"),
+        ("truncated_upstream", "Incomplete or malformed upstream SSDD checkpoint (missing 'encoder.down.1"),
+    ],
+)
+def test_upstream_loader_rejects_unrelated_weights(case, found):
+    """Other weights: a ValueError that says what was expected and what was found."""
+    if case == "autoencoder_kl":
+        state = tiny_kl().state_dict()
+    elif case == "other_encoder_decoder":
+        state = torch.nn.ModuleDict({"encoder": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))}).state_dict()
+        state |= {"decoder.0.weight": torch.zeros(3, 4, 1, 1)}
+    elif case == "no_encoder_or_decoder":
+        state = torch.nn.Linear(2, 2).state_dict()
+    else:
+        state = {k: v for k, v in upstream_m_state().items() if not k.startswith("encoder.down.1.block.0.")}
+    with pytest.raises(ValueError) as err:
+        SSDDAutoencoder.from_upstream_checkpoint(state)
+    message = str(err.value)
+    assert found in message, message
+    assert UPSTREAM_EXPECTED in message and "relative_bias_table" in message
 
 
 # ------------------------------------------------------------------------------------------------

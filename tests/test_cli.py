@@ -403,7 +403,7 @@ ERROR_CASES = {
     "convert-corrupt": ("convert {bad}/upstream.ckpt {tmp}/o", "not a safetensors file nor a tensors-only"),
     "convert-not-upstream": (
         "convert {model}/diffusion_pytorch_model.safetensors {tmp}/o",
-        "diffusers layout",
+        "looks like a diffusers-format SSDDAutoencoder state dict",
     ),
     "convert-unknown-key": ("convert {upstream} {tmp}/o --set colour=red", "unknown config key"),
     "stats-not-a-model": ("stats {bad}/not_a_model --data_dir {images} --no_write", "model config"),

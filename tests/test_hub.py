@@ -93,33 +93,76 @@ def make_report() -> EvaluationReport:
 # Uploads
 # ====================================================================================================
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
-def test_push_to_hub_uploads_exactly_the_saved_files(
+def test_push_to_hub_uploads_the_saved_files_and_the_ssdd_card(
     model: SSDDAutoencoder, saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``push_to_hub`` uploads exactly what ``save_pretrained`` writes (same names, same bytes) plus the
-    ``README.md`` that diffusers creates itself: it looks for a card on the Hub (the mock answers 404
-    ``EntryNotFound``) and then writes its generic template card. The upload loads back from the mock."""
+    """``push_to_hub`` uploads exactly what ``save_pretrained`` writes (same names, same bytes) plus a
+    ``README.md``: the repo has no card yet (the lookup gets 404 ``EntryNotFound`` from the mock), so it
+    is the SSDD card (config table, usage snippet for the repo id), not diffusers' generic one. One commit;
+    the upload loads back from the mock."""
+    expected = folder_files(saved)
+    assert set(expected) == {"config.json", "diffusion_pytorch_model.safetensors"}
     with H.mock_hub_server() as hub:
         H.point_hub_client_at(monkeypatch, hub.url)
-        model.push_to_hub("org/ssdd-push", token="hf_fake")
+        commit = model.push_to_hub("org/ssdd-push", token="hf_fake")
         assert "org/ssdd-push" in hub.repos
         assert "HEAD /org/ssdd-push/resolve/main/README.md" in hub.requests  # the card lookup hit the mock
+        commits = [r for r in hub.requests if r.startswith("POST /api/models/org/ssdd-push/commit/")]
         uploaded = dict(hub.files["org/ssdd-push"])
         loaded = SSDDAutoencoder.from_pretrained("org/ssdd-push", cache_dir=tmp_path / "cache")
 
-    expected = folder_files(saved)
-    assert set(expected) == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert len(commits) == 1 and H.MOCK_COMMIT_OID in str(commit)  # upload_folder's CommitInfo
     assert set(uploaded) == set(expected) | {"README.md"}
     for name, data in expected.items():
         assert uploaded[name] == data, name
-    card = ModelCard(uploaded["README.md"].decode())
-    assert card.data.library_name == "diffusers"
-    assert "diffusers model that has been pushed on the Hub" in card.text
+
+    text = uploaded["README.md"].decode()
+    # The same card as write_model_card_for_folder writes for the saved folder and this repo id.
+    assert uploaded["README.md"] == write_model_card_for_folder(saved, repo_id="org/ssdd-push").read_bytes()
+    metadata = metadata_load_text(uploaded["README.md"])
+    assert metadata["library_name"] == "diffusers" and "ssdd" in metadata["tags"]
+    assert "# org/ssdd-push" in text and 'SSDDAutoencoder.from_pretrained("org/ssdd-push")' in text
+    assert text.count("## Model configuration") == 1 and "| Latent channels | 4 |" in text
+    total = sum(p.numel() for p in model.parameters())
+    assert f"| Parameters | {total / 1e6:.2f} M ({total:,}) |" in text
+    assert "diffusers model that has been pushed on the Hub" not in text
+    assert read_card_info(saved)["repo_id"] == "org/ssdd-push"
 
     assert loaded.config.num_inference_steps == model.config.num_inference_steps
     reference = model.state_dict()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, reference[key]), key
+
+
+def test_push_to_hub_keeps_an_existing_card(model: SSDDAutoencoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second ``push_to_hub`` to a repo that already has a ``README.md`` (here one the user edited after
+    the first push) uploads the new weights but leaves that card unchanged; with ``subfolder`` no card is
+    written (as diffusers)."""
+    from huggingface_hub import upload_file
+
+    user_card = b"---\nlicense: mit\n---\n\n# My own card\n\nHand-written, keep me.\n"
+    torch.manual_seed(1)
+    retrained = SSDDAutoencoder.from_preset("f8c4", decoder="M", **H.TINY_MODEL_CONFIG).eval()
+    with H.mock_hub_server() as hub:
+        H.point_hub_client_at(monkeypatch, hub.url)
+        model.push_to_hub("org/ssdd-again", token="hf_fake")
+        first = dict(hub.files["org/ssdd-again"])
+        assert b"## Model configuration" in first["README.md"]
+        upload_file(
+            path_or_fileobj=user_card, path_in_repo="README.md", repo_id="org/ssdd-again", token="hf_fake"
+        )
+        retrained.push_to_hub("org/ssdd-again", token="hf_fake", commit_message="Retrained")
+        second = dict(hub.files["org/ssdd-again"])
+        retrained.push_to_hub("org/ssdd-again", token="hf_fake", subfolder="vae")
+        third = dict(hub.files["org/ssdd-again"])
+        commits = [r for r in hub.requests if r.startswith("POST /api/models/org/ssdd-again/commit/")]
+
+    assert len(commits) == 4  # first push, the user's card, second push, subfolder push
+    assert second["README.md"] == user_card
+    weights = "diffusion_pytorch_model.safetensors"
+    assert second[weights] != first[weights]  # the new weights were uploaded
+    assert set(third) == set(second) | {"vae/config.json", f"vae/{weights}"}
+    assert third["README.md"] == user_card and third[f"vae/{weights}"] == second[weights]
 
 
 def test_hf_upload_cli_uploads_exactly_the_folder(saved: Path, tmp_path: Path) -> None:

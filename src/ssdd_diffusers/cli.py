@@ -659,12 +659,7 @@ def _convert(args: argparse.Namespace) -> None:
         ) from error
     except ValueError as error:
         raise InputError(f"cannot convert {args.checkpoint!r}: {_one_line(error)}") from error
-    if any(key.startswith("encoder.down_blocks.") for key in state):
-        raise InputError(
-            f"cannot convert {args.checkpoint!r}: the weights are already in the diffusers layout "
-            "(load the folder with SSDDAutoencoder.from_pretrained)"
-        )
-    try:
+    try:  # a ValueError says what the weights look like if they are not upstream SSDD weights
         model = SSDDAutoencoder.from_upstream_checkpoint(state, torch_dtype=DTYPES[args.dtype], **overrides)
     except (ValueError, RuntimeError, TypeError) as error:
         raise InputError(f"cannot convert {args.checkpoint!r}: {_one_line(error)}") from error

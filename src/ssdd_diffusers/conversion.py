@@ -56,8 +56,8 @@ def unwrap_state_dict(state: Mapping) -> dict[str, torch.Tensor]:
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
             raise ValueError(
-                "Could not find SSDD weights ('encoder.*' / 'decoder.*' keys) in the checkpoint; top-level "
-                f"keys are {sorted(state)[:20]}."
+                "Not an upstream SSDD checkpoint: could not find SSDD weights ('encoder.*' / 'decoder.*' "
+                f"keys), top-level keys are {sorted(state)[:20]}. {_EXPECTED}"
             )
         state = inner
     return {k: v for k, v in _strip_all(state).items() if isinstance(v, torch.Tensor)}
@@ -78,13 +78,74 @@ def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state if (m := regex.match(k))})
 
 
-def infer_upstream_config(state: Mapping[str, torch.Tensor]) -> dict:
-    """``SSDDAutoencoder`` config values implied by the shapes of an upstream state dict."""
-    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight")
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise ValueError(f"Not an upstream SSDD checkpoint: missing {missing}.")
+def _describe_layout(state: Mapping[str, torch.Tensor], missing: list[str]) -> str:
+    """What a state dict that is not in the upstream SSDD layout looks like, and what to do with it."""
+    keys = list(state)
 
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("encoder.down_blocks.") or has("quant_conv."):
+        if has("decoder.mid_block.transformer_blocks.") or has("decoder.time_embedding."):
+            return (
+                "this looks like a diffusers-format SSDDAutoencoder state dict ('encoder.down_blocks.*', "
+                "'quant_conv.*' keys), already in the diffusers layout; load a save_pretrained "
+                "folder with SSDDAutoencoder.from_pretrained (or such a state dict with "
+                "SSDDAutoencoder(**config).load_state_dict)"
+            )
+        if has("decoder.up_blocks.") or has("post_quant_conv."):
+            return (
+                "this looks like a diffusers AutoencoderKL state dict, which has no SSDD decoder; build an "
+                "SSDD model on its encoder with SSDDAutoencoder.from_autoencoder_kl"
+            )
+    prefixes = sorted({".".join(k.split(".")[:2]) for k in keys})
+    shown = prefixes[:12] + (["..."] if len(prefixes) > 12 else [])
+    what = "none of the expected keys" if len(missing) == len(_UPSTREAM_REQUIRED) else f"missing {missing}"
+    return f"{what}; its {len(keys)} keys start with {shown}"
+
+
+_EXPECTED = (
+    "Expected the upstream SSDD layout (facebookresearch/SSDD), with keys such as "
+    "'encoder.down.0.block.0.conv1.weight', 'encoder.mid.attn_1.q.weight', 'encoder.out_proj.weight', "
+    "'decoder.down_blocks.0.resnets.0.conv1.weight' and "
+    "'decoder.mid_block.transformer_blocks.0.relative_position_bias.relative_bias_table'."
+)
+_UPSTREAM_REQUIRED = (
+    "encoder.conv_in.weight",
+    "encoder.down.0.block.0.conv1.weight",
+    "encoder.conv_out.weight",
+    "decoder.conv_in.weight",
+    "decoder.down_blocks.0.resnets.0.conv1.weight",
+    "decoder.mid_block.transformer_blocks.0.relative_position_bias.relative_bias_table",
+)
+"""Keys every upstream SSDD checkpoint has (encoder in the LDM layout, the decoder's own names)."""
+
+
+def check_upstream_layout(state: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ``ValueError`` saying what was found if ``state`` is not an upstream SSDD state dict (for
+    example a diffusers-format ``SSDDAutoencoder`` state dict, or unrelated weights)."""
+    missing = [k for k in _UPSTREAM_REQUIRED if k not in state]
+    if missing:
+        raise ValueError(f"Not an upstream SSDD checkpoint: {_describe_layout(state, missing)}. {_EXPECTED}")
+
+
+def infer_upstream_config(state: Mapping[str, torch.Tensor]) -> dict:
+    """``SSDDAutoencoder`` config values implied by the shapes of an upstream state dict.
+
+    Raises ``ValueError`` if ``state`` is not in the upstream layout (see :func:`check_upstream_layout`)
+    or lacks tensors the configuration is read from."""
+    check_upstream_layout(state)
+    try:
+        return _infer_upstream_config(state)
+    except (KeyError, IndexError) as error:
+        detail = f"missing {error.args[0]!r}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(
+            f"Incomplete or malformed upstream SSDD checkpoint ({detail}); the configuration cannot be "
+            f"inferred from its tensor shapes. {_EXPECTED}"
+        ) from error
+
+
+def _infer_upstream_config(state: Mapping[str, torch.Tensor]) -> dict:
     enc_levels = _count(state, r"^encoder\.down\.(\d+)\.")
     enc_widths = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(enc_levels))
     enc_blocks = _count(state, r"^encoder\.down\.0\.block\.(\d+)\.")

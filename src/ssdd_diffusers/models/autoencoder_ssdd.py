@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -295,6 +297,56 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                 f"{cls.__name__}.from_autoencoder_kl(...)."
             )
         return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        subfolder: str | None = None,
+    ) -> Any:
+        """Upload the model to the Hugging Face Hub, with the SSDD model card when the repo has none.
+
+        As diffusers' ``PushToHubMixin.push_to_hub`` (same arguments, same return value: the
+        ``CommitInfo`` of ``huggingface_hub.upload_folder``): the repo is created if needed, the model is
+        saved with ``save_pretrained`` into a temporary folder and the folder is uploaded in one commit
+        (under ``subfolder`` if given). The card differs: if the repo has no ``README.md`` yet, the SSDD
+        card of :func:`ssdd_diffusers.model_card.write_model_card_for_folder` (configuration table,
+        parameter counts, usage snippet for ``repo_id``) is uploaded instead of diffusers' generic one;
+        an existing ``README.md`` is kept unchanged. With ``subfolder`` no card is written (as diffusers).
+
+        Args:
+            repo_id: ``"namespace/name"`` (or ``"name"`` in the token's namespace) of the model repo.
+            commit_message: defaults to ``"Upload model"``.
+            private: visibility of a newly created repo (``None``: the namespace default).
+            token: Hub token; defaults to the stored one.
+            create_pr: open a pull request with the files instead of committing to ``main``.
+            safe_serialization / variant: passed to ``save_pretrained``.
+            subfolder: folder of the repo to upload the model into.
+        """
+        from huggingface_hub import create_repo, file_exists, upload_folder
+
+        from ..model_card import CARD_NAME, write_model_card_for_folder
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        # Only a repo without a card gets the SSDD one: a card already on the Hub is not overwritten.
+        write_card = not subfolder and not file_exists(repo_id, CARD_NAME, token=token)
+        with tempfile.TemporaryDirectory() as tmpdir:
+            self.save_pretrained(tmpdir, safe_serialization=safe_serialization, variant=variant)
+            if write_card:
+                write_model_card_for_folder(tmpdir, repo_id=repo_id)
+            return upload_folder(
+                repo_id=repo_id,
+                folder_path=tmpdir,
+                token=token,
+                commit_message="Upload model" if commit_message is None else commit_message,
+                create_pr=create_pr,
+                path_in_repo=subfolder,
+            )
 
     # --------------------------------------------------------------------------------------------
     # Tiling
