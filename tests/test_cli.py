@@ -274,9 +274,11 @@ def test_benchmark_memory_child_process() -> None:
 
 def test_benchmark_subcommand_writes_report(tmp_path) -> None:
     flags = {s for a in bench.build_parser()._actions for s in a.option_strings}
-    assert flags == ORIGINAL_BENCHMARK_FLAGS  # benchmarks/decode_benchmark.py keeps its flags
+    # benchmarks/decode_benchmark.py keeps its flags (plus the allocator and freezing options)
+    assert flags == ORIGINAL_BENCHMARK_FLAGS | {"--reuse-cpu-memory", "--freezing"}
     out = tmp_path / "bench.json"
     argv = ["benchmark", "--contenders", "ssdd-XS-1", "--resolutions", "64", "--repeats", "1"]
+    argv += ["--reuse-cpu-memory"]
     assert (
         main(
             argv + ["--warmup", "0", "--no-memory", "--json", str(out), "--markdown", str(tmp_path / "b.md")]
@@ -285,6 +287,7 @@ def test_benchmark_subcommand_writes_report(tmp_path) -> None:
     )
     report = json.loads(out.read_text())
     assert report["meta"]["command"].startswith("ssdd-diffusers benchmark --contenders ssdd-XS-1")
+    assert report["meta"]["reuse_cpu_memory"] is True and report["meta"]["inductor_freezing"] is False
     assert {"torch", "device", "dtype", "repeats", "warmup", "timing", "memory_method"} <= report[
         "meta"
     ].keys()
@@ -301,6 +304,7 @@ def test_benchmark_subcommand_writes_report(tmp_path) -> None:
     assert expected <= row.keys() and len(row["decode_s_all"]) == 1
     assert row["decoder_params_m"] == pytest.approx(5.0, abs=0.1)  # XS decoder
     assert "| 64 | 1 | ssdd-XS-1 |" in (tmp_path / "b.md").read_text()
+    assert "freed CPU memory reused" in (tmp_path / "b.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------------

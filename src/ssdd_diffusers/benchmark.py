@@ -274,7 +274,7 @@ def memory_in_child(args: argparse.Namespace, name: str, resolution: int, batch:
     if args.channels_last:
         cmd.append("--channels-last")
     if args.compile:
-        cmd += ["--compile", "--compile-mode", args.compile_mode]
+        cmd += ["--compile", "--compile-mode", args.compile_mode] + (["--freezing"] if args.freezing else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout)
     except subprocess.TimeoutExpired:
@@ -445,7 +445,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "compile": compile_mode,
+        "inductor_freezing": bool(args.compile and args.freezing),
         "channels_last": args.channels_last,
+        "reuse_cpu_memory": args.reuse_cpu_memory,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
@@ -496,8 +498,11 @@ def to_markdown(report: dict) -> str:
     meta, rows = report["meta"], report["results"]
     lines = [
         f"torch {meta['torch']}, {meta['device']} ({meta['threads']} threads), {meta['dtype']}, "
-        f"compile={meta['compile']}, channels_last={meta['channels_last']}, "
-        f"median of {meta['repeats']} interleaved runs (load {meta['loadavg_start'][0]:.1f} -> "
+        f"compile={meta['compile']}"
+        + (" (inductor freezing)" if meta.get("inductor_freezing") else "")
+        + f", channels_last={meta['channels_last']}, "
+        + ("freed CPU memory reused, " if meta.get("reuse_cpu_memory") else "")
+        + f"median of {meta['repeats']} interleaved runs (load {meta['loadavg_start'][0]:.1f} -> "
         f"{meta['loadavg_end'][0]:.1f}). Memory: {meta['memory_method']}.",
         "",
     ]
@@ -582,7 +587,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)"
     )
+    p.add_argument(
+        "--freezing",
+        action="store_true",
+        help="with --compile: torch._inductor.config.freezing = True (constant-folds weights; on CPU "
+        "prepacks oneDNN convolution weights)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs")
+    p.add_argument(
+        "--reuse-cpu-memory",
+        action="store_true",
+        help="time every contender inside ssdd_diffusers.cpu_memory.reuse_freed_memory() (glibc keeps "
+        "freed memory instead of re-faulting fresh pages for each large tensor)",
+    )
     p.add_argument("--encode", action="store_true", help="also time encode(x) (not for slow contenders)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak-memory measurement")
     p.add_argument("--memory-timeout", type=float, default=300.0, help="seconds per memory child process")
@@ -631,6 +648,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
     args = parse_args(argv, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile and args.freezing:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     if args.child_memory:
         name, res, batch, what = args.child_memory
         device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -649,7 +670,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         )
         text = f"Peak memory, {report['meta']['memory_method']}.\n\n" + text
     else:
-        report = run_benchmark(args)
+        from .cpu_memory import reuse_freed_memory
+
+        with reuse_freed_memory(args.reuse_cpu_memory):
+            report = run_benchmark(args)
         text = to_markdown(report)
     print(text)
     if args.json:

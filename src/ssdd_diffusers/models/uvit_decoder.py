@@ -359,10 +359,12 @@ class UViTDecoder(nn.Module):
         height, width = x_t.shape[-2:]
         z = z.to(x_t.dtype)
         temb = self.time_embed(t, x_t.shape[0], x_t.dtype)
-        context = self.ada_ctx_proj(z)
+        channels_last = self._use_channels_last(x_t.device)
+        # The context (and so every AdaGN's scale/shift) in the trunk's format: no per-block layout copies.
+        context = self.ada_ctx_proj(z.contiguous(memory_format=torch.channels_last) if channels_last else z)
 
         h = torch.cat([x_t, _resize_nearest(z, (height, width))], dim=1)
-        if self._use_channels_last(h.device):
+        if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(h)
         skips = [h]
