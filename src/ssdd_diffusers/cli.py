@@ -811,7 +811,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_guarded(_forwarded(argv[0], argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return _run_guarded(lambda: args.handler(args))
+
+    def run() -> Any:
+        from .cpu_memory import reuse_freed_memory
+
+        with reuse_freed_memory():  # large CPU decodes: no re-faulting of freed activations
+            return args.handler(args)
+
+    return _run_guarded(run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -309,12 +309,16 @@ class UViTDecoder(nn.Module):
         self.gradient_checkpointing = False
         # Memory format of the convolutional trunk. None (auto): channels_last (NHWC) on CPU, where
         # oneDNN convolutions and GroupNorm are faster in it and the token permutes of the middle
-        # transformer become free; NCHW elsewhere, where GroupNorm kernels need NCHW and the time
-        # modulation fuses into them. True/False force a format. Values agree up to float rounding.
+        # transformer become free, and under torch.compile (Inductor fuses the norms itself; measured
+        # faster on an H200); NCHW in eager mode elsewhere, where the eager GroupNorm kernels need NCHW
+        # and the time modulation fuses into them. True/False force a format. Values agree up to float
+        # rounding.
         self.channels_last: bool | None = None
 
     def _use_channels_last(self, device: torch.device) -> bool:
-        return device.type == "cpu" if self.channels_last is None else bool(self.channels_last)
+        if self.channels_last is not None:
+            return bool(self.channels_last)
+        return device.type == "cpu" or torch.compiler.is_compiling()
 
     def _resnet(self, resnet: SSDDResnetBlock, h, temb, context) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
