@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -299,9 +300,11 @@ def test_peak_memory_meter_cpu() -> None:
     meter = PeakMemoryMeter("cpu")
     meter.set_baseline()
     meter.start()
-    block = torch.ones(64, 2**20 // 4)  # 64 MiB
+    # 64 MiB of fresh anonymous pages, touched: resident whatever memory malloc kept from earlier tests
+    block = mmap.mmap(-1, 64 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1
     meter.stop()
-    del block
+    block.close()
     if meter.kind == "cpu_peak_rss_delta":
         assert meter.peak_mb is not None and meter.peak_mb >= 60
     else:
