@@ -6,7 +6,8 @@ and zero-filled again: at 1024 px this costs SSDD-S about a third of its CPU dec
 :func:`reuse_freed_memory`, large tensors come from malloc's heap and freed memory is kept for the next
 one; on exit the kept memory is handed back to the kernel (``malloc_trim``) and the limits are set to
 the values glibc's own dynamic thresholds settle at after large frees (mmap above 32 MiB, trim above
-64 MiB), which then stay fixed: glibc has no way to switch its dynamic adjustment back on. It changes process-wide allocator settings for the duration of the block, which is
+64 MiB), which then stay fixed: glibc has no way to switch its dynamic adjustment back on. It changes
+process-wide allocator settings for the duration of the block (and fixes those limits after it), which is
 why it is opt-in (the ``ssdd-diffusers`` command and the decode benchmark use it). Elsewhere than on
 glibc it does nothing. The environment-variable equivalent for a whole process is
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``; jemalloc or tcmalloc (``LD_PRELOAD``) help too.
