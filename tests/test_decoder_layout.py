@@ -60,3 +60,17 @@ def test_decoder_layout_auto_and_forced_agree() -> None:
     torch.testing.assert_close(outputs[False], outputs[True], atol=2e-5, rtol=1e-4)
     decoder.channels_last = True
     assert decoder._use_channels_last(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("size", [32, 128])  # 128 px: a 16 x 16 token grid takes the padded-halo path
+def test_decoder_traces_as_one_graph(size: int) -> None:
+    """torch.compile sees the whole decoder forward as one graph (no graph breaks), in inference mode."""
+    torch._dynamo.reset()
+    decoder = UViTDecoder(
+        block_out_channels=(32, 32, 32, 64), layers_per_block=1, transformer_layers=1, attention_window=4
+    ).eval()
+    x, z = torch.randn(1, 3, size, size), torch.randn(1, 4, size // 8, size // 8)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(decoder)(x, torch.tensor([0.5]), z)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
