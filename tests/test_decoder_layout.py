@@ -74,3 +74,27 @@ def test_decoder_traces_as_one_graph(size: int) -> None:
         explanation = torch._dynamo.explain(decoder)(x, torch.tensor([0.5]), z)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_compiled_decoder_matches_eager_with_aten_group_norm() -> None:
+    """Under torch.compile on CPU (inference) GroupNorm runs as the opaque ATen op; results match eager."""
+    from ssdd_diffusers.models.uvit_decoder import _eager_group_norm
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    decoder = UViTDecoder(
+        block_out_channels=(32, 32, 32, 64), layers_per_block=1, transformer_layers=1, attention_window=4
+    ).eval()
+    for p in decoder.parameters():
+        p.data.normal_(0, 0.1)
+    x, z = torch.randn(1, 3, 128, 128), torch.randn(1, 4, 16, 16)
+    norm = nn.GroupNorm(8, 32)
+    xc = torch.randn(2, 32, 5, 7).contiguous(memory_format=torch.channels_last)
+    out = _eager_group_norm(xc, 8, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(out, norm(xc), atol=0, rtol=0)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # what the fake implementation promises
+    with torch.no_grad():
+        expected = decoder(x, torch.tensor([0.5]), z)
+        compiled = torch.compile(decoder, backend="aot_eager", dynamic=False)
+        got = compiled(x, torch.tensor([0.5]), z)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -57,6 +57,31 @@ def _modulate(x: torch.Tensor, params: torch.Tensor, inplace: bool) -> torch.Ten
     return (view * scale + shift).flatten(4, 5).flatten(2, 3)
 
 
+@torch.library.custom_op("ssdd_diffusers::group_norm", mutates_args=())
+def _eager_group_norm(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """ATen's GroupNorm as an opaque op, so that torch.compile calls the eager kernel (see ``group_norm``)."""
+    return F.group_norm(x, num_groups, weight, bias, eps)
+
+
+@_eager_group_norm.register_fake
+def _(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+    return torch.empty_like(x)  # same shape and memory format as ATen's output
+
+
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm(x)``; under torch.compile on CPU in inference, ATen's kernel instead of Inductor's.
+
+    Inductor decomposes GroupNorm into generic reductions that are about 1.8x slower on CPU than ATen's
+    channels_last GroupNorm kernel (measured on the S decoder at 256 px); on GPUs its fused Triton
+    kernels are the faster choice, and training needs the decomposition's autograd.
+    """
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return _eager_group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return norm(x)
+
+
 def _group_norm_scale_shift(
     x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
@@ -69,7 +94,7 @@ def _group_norm_scale_shift(
     """
     batch, channels = x.shape[:2]
     if not x.is_contiguous():
-        out = norm(x)
+        out = group_norm(x, norm)
         if _inplace_ok():
             return out.mul_(scale[:, :, None, None]).add_(shift[:, :, None, None])
         return out * scale[:, :, None, None] + shift[:, :, None, None]
@@ -101,7 +126,7 @@ class AdaGroupNorm2D(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); context: (B, C0, h, w) at latent resolution."""
-        return _modulate(self.norm(x), self.ctx_proj(context), _inplace_ok())
+        return _modulate(group_norm(x, self.norm), self.ctx_proj(context), _inplace_ok())
 
 
 class AdaLayerNormTokens(nn.Module):
@@ -199,7 +224,7 @@ class SSDDMidTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, dim, H, W) -> (B, dim, H, W)."""
-        tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1))  # (B, H, W, dim)
+        tokens = self.proj_in(group_norm(x, self.norm).permute(0, 2, 3, 1))  # (B, H, W, dim)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, tokens, context)
@@ -388,5 +413,5 @@ class UViTDecoder(nn.Module):
             if block.upsamplers is not None:
                 h = block.upsamplers[0](h)
 
-        out = self.conv_out(F.silu(self.conv_norm_out(h), inplace=_inplace_ok()))
+        out = self.conv_out(F.silu(group_norm(h, self.conv_norm_out), inplace=_inplace_ok()))
         return out.contiguous()
