@@ -48,3 +48,20 @@ def tiny_vae():
 
     torch.manual_seed(0)
     return perturb_(SSDDAutoencoder(**tiny_config())).eval()
+
+
+def tiny_autoencoder_kl(levels: int = 3, seed: int = 0, **overrides):
+    """A tiny random diffusers AutoencoderKL (LDM layout, 32 channels per level, f = 2 ** (levels - 1))."""
+    from diffusers import AutoencoderKL
+
+    config = dict(
+        block_out_channels=(32,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return AutoencoderKL(**config).eval()

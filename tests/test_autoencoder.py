@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb_, tiny_config
+from conftest import perturb_, tiny_autoencoder_kl, tiny_config
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.training_utils import EMAModel
@@ -164,20 +164,7 @@ def test_from_pretrained_rejects_other_class(tmp_path):
 
 
 def tiny_kl(**overrides):
-    from diffusers import AutoencoderKL
-
-    config = dict(
-        block_out_channels=(32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-    )
-    config.update(overrides)
-    torch.manual_seed(0)
-    kl = AutoencoderKL(**config).eval()
+    kl = tiny_autoencoder_kl(scaling_factor=overrides.pop("scaling_factor", 0.18215), **overrides)
     with torch.no_grad():  # non-trivial weights everywhere (diffusers zero-inits nothing here, but be sure)
         for p in kl.parameters():
             p.add_(torch.randn_like(p) * 0.02)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_, tiny_config
+from conftest import perturb_, tiny_autoencoder_kl, tiny_config
 from PIL import Image
 from torch import nn
 
@@ -95,18 +95,7 @@ def ssdd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def kl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    model = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=RESOLUTION,
-    )
+    model = tiny_autoencoder_kl(levels=2, sample_size=RESOLUTION)
     path = tmp_path_factory.mktemp("kl") / "tiny-kl"
     model.save_pretrained(path)
     return path

@@ -9,7 +9,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_, tiny_config
+from conftest import perturb_, tiny_autoencoder_kl, tiny_config
 from diffusers import AutoencoderKL, DiffusionPipeline
 from helpers_pipelines import tiny_dit_pipeline, tiny_sd_pipeline
 from PIL import Image
@@ -34,16 +34,7 @@ def _load(name: str) -> ModuleType:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny f4 AutoencoderKL, DiT and SD pipelines saved with it, and an SSDD model on its encoder."""
     root = tmp_path_factory.mktemp("example_models")
-    torch.manual_seed(0)
-    kl = AutoencoderKL(
-        block_out_channels=(32, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.5,
-    ).eval()
+    kl = tiny_autoencoder_kl(scaling_factor=0.5)
     tiny_dit_pipeline(kl).save_pretrained(root / "dit")
     tiny_sd_pipeline(kl, root / "tokenizer_src").save_pretrained(root / "sd")
     ssdd = perturb_(SSDDAutoencoder.from_autoencoder_kl(kl, decoder="XS", **DECODER_KEYS))

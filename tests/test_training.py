@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distill_ssdd  # noqa: E402
 import helpers_training as H  # noqa: E402
 import train_ssdd  # noqa: E402
+from conftest import tiny_autoencoder_kl  # noqa: E402
 
 RESOLUTION = 32
 
@@ -258,19 +259,7 @@ def test_loss_decreases_and_frozen_encoder_is_unchanged(assets: dict[str, Path],
 def test_pretrained_encoder_from_autoencoder_kl(assets: dict[str, Path], tmp_path: Path) -> None:
     """--pretrained_encoder takes an AutoencoderKL (here inside a pipeline-style 'vae' subfolder): the
     trained model encodes exactly like it and carries its latent scaling."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    kl = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.13025,
-        shift_factor=0.1,
-    ).eval()
+    kl = tiny_autoencoder_kl(levels=2, scaling_factor=0.13025, shift_factor=0.1)
     kl.save_pretrained(tmp_path / "sd_pipeline" / "vae")
     decoder_only = {k: v for k, v in H.TINY_MODEL_CONFIG.items() if k not in train_ssdd.ENCODER_CONFIG_KEYS}
     argv = base_args(assets, tmp_path / "run", "--max_train_steps", "2")
