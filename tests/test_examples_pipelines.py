@@ -42,6 +42,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"dit": root / "dit", "sd": root / "sd", "ssdd": root / "ssdd"}
 
 
+def _dit_images(pipe) -> list:
+    """The example's DiT run (classes 1 and 3, 2 steps, no guidance, seed 0)."""
+    generator = torch.Generator().manual_seed(0)
+    return pipe(class_labels=[1, 3], num_inference_steps=2, guidance_scale=1.0, generator=generator).images
+
+
 def test_dit_example_decodes_with_ssdd_and_swaps_vaes(models: dict[str, Path], tmp_path: Path) -> None:
     output = tmp_path / "dit.png"
     common = ["--dit", str(models["dit"]), "--classes", "1", "3", "--steps", "2", "--guidance_scale", "1.0"]
@@ -52,22 +58,12 @@ def test_dit_example_decodes_with_ssdd_and_swaps_vaes(models: dict[str, Path], t
     assert Image.open(output).size == (2 * 32, 2 * 32)
     # The KL row is exactly what the saved pipeline produces with its own VAE, same seed.
     reference = DiffusionPipeline.from_pretrained(models["dit"])
-    expected = reference(
-        class_labels=[1, 3],
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    expected = _dit_images(reference)
     for got, want in zip(kl_row, expected):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # The SSDD row decodes the same latents with the SSDD decoder (a different image, same size).
     reference.vae = SSDDAutoencoder.from_pretrained(models["ssdd"])
-    with_ssdd = reference(
-        class_labels=[1, 3],
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        generator=torch.Generator().manual_seed(0),
-    ).images
+    with_ssdd = _dit_images(reference)
     for got, want in zip(ssdd_row, with_ssdd):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert np.abs(np.asarray(ssdd_row[0], dtype=float) - np.asarray(kl_row[0], dtype=float)).max() > 1

@@ -164,6 +164,11 @@ def build_evaluate_parser(prog: str = "ssdd-evaluate") -> argparse.ArgumentParse
     return parser
 
 
+def _lpips_settings(choice: str) -> dict[str, Any]:
+    """``MetricSettings`` LPIPS fields for a ``--lpips_backbone`` value (pretrained, random or none)."""
+    return {"compute_lpips": choice != "none", "lpips_backbone": "pretrained" if choice == "none" else choice}
+
+
 def _per_model(values: Sequence[str] | None, count: int, name: str) -> list[str | None]:
     if values is None:
         return [None] * count
@@ -202,8 +207,7 @@ def evaluate_main(
     if extractor is None and args.fid_feature_extractor not in ("inception", "none"):
         extractor = load_feature_extractor(args.fid_feature_extractor)
     metrics = MetricSettings(
-        compute_lpips=args.lpips_backbone != "none",
-        lpips_backbone="pretrained" if args.lpips_backbone == "none" else args.lpips_backbone,
+        **_lpips_settings(args.lpips_backbone),
         compute_fid=compute_fid,
         fid_feature_extractor=extractor,
         skip_unavailable=args.skip_unavailable_metrics,
@@ -494,18 +498,15 @@ def _reconstruct(args: argparse.Namespace) -> None:
         raise InputError(f"--output_dir {str(output_dir)!r} would overwrite input images; choose another")
     device = resolve_device(args.device)
     loaded = load_cli_model(args.model, args.steps, device, DTYPES[args.dtype])
-    check_resolution(args.resolution, size_multiple(loaded.model))
+    multiple = size_multiple(loaded.model)
+    check_resolution(args.resolution, multiple)
     settings = MetricSettings(
-        compute_lpips=args.lpips_backbone != "none",
-        lpips_backbone="pretrained" if args.lpips_backbone == "none" else args.lpips_backbone,
-        compute_fid=False,
-        skip_unavailable=True,
+        **_lpips_settings(args.lpips_backbone), compute_fid=False, skip_unavailable=True
     )
     scorer, unavailable = build_metrics(settings, device)
     for metric, reason in unavailable.items():
         print(f"note: {metric} not computed: {reason}", file=sys.stderr)
     rows: list[dict[str, Any]] = []
-    multiple = size_multiple(loaded.model)
     for index, path, prepared in _iter_images(args, paths, multiple, "reconstruct"):
         z = encode_image(loaded, prepared.pixels)
         recon = decode_latents(loaded, z, args.seed)
