@@ -51,7 +51,7 @@ def test_nested_blocks_and_disabled_and_unsupported(monkeypatch: pytest.MonkeyPa
         with reuse_freed_memory() as outer, reuse_freed_memory() as inner:
             assert outer and inner and cpu_memory._depth == 2
         assert cpu_memory._depth == 0
-    monkeypatch.setattr(cpu_memory, "_libc", None)  # e.g. macOS or musl
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: None)  # e.g. macOS or musl
     with reuse_freed_memory() as active:
         assert not active
 

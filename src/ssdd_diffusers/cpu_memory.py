@@ -8,15 +8,17 @@ one; on exit the kept memory is handed back to the kernel (``malloc_trim``) and 
 the values glibc's own dynamic thresholds settle at after large frees (mmap above 32 MiB, trim above
 64 MiB), which then stay fixed: glibc has no way to switch its dynamic adjustment back on. It changes
 process-wide allocator settings for the duration of the block (and fixes those limits after it), which is
-why it is opt-in (the ``ssdd-diffusers`` command and the decode benchmark use it). Elsewhere than on
-glibc it does nothing. The environment-variable equivalent for a whole process is
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``; jemalloc or tcmalloc (``LD_PRELOAD``) help too.
+why it is opt-in (``ssdd-diffusers reconstruct/encode/decode/convert`` use it; the decode benchmark
+has ``--reuse-cpu-memory``). Elsewhere than on glibc it does nothing. The environment-variable
+equivalent for a whole process is ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``;
+jemalloc or tcmalloc (``LD_PRELOAD``) help too.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 import threading
 from collections.abc import Iterator
@@ -34,22 +36,20 @@ INT_MAX = 2**31 - 1  # largest mallopt value: keep up to 2 GiB of free heap top
 
 _lock = threading.Lock()
 _depth = 0
-_libc: ctypes.CDLL | None | bool = False  # False: not looked up yet
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is False:
-        _libc = None
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-                lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-                _libc = lib
-            except (OSError, AttributeError):
-                _libc = None
-    return _libc  # type: ignore[return-value]
+    """The C library with ``mallopt``/``malloc_trim`` prototypes, or None off glibc (looked up once)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return lib
 
 
 def is_supported() -> bool:
