@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssdd_diffusers.models.local_attention import (
+    _window_attention_bias_op,
+    blocked_attention_bias,
     dense_relative_bias,
     local_attention,
     window_layout,
@@ -92,3 +94,20 @@ def test_half_precision_has_no_nan():
         got = local_attention(q.to(dtype), k.to(dtype), v.to(dtype), table.to(dtype), block=4)
         assert torch.isfinite(got).all()
         assert (got.float() - expected).abs().max().item() < 0.1
+
+
+@pytest.mark.parametrize(
+    "height,width,window,block", [(32, 32, 8, 8), (16, 16, 8, 8), (24, 9, 4, 4), (3, 7, 8, 8)]
+)
+def test_opaque_bias_op_matches_gather_and_its_fake_shape(height, width, window, block):
+    """The op compiled inference uses for the bias (folded into a constant with frozen weights)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    table = torch.randn(2 * window - 1, 2 * window - 1, 3)
+    layout = window_layout(height, width, window, block, torch.device("cpu"))
+    expected = blocked_attention_bias(table, layout, torch.float32)
+    got = _window_attention_bias_op(table, height, width, block, torch.float32)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    with FakeTensorMode() as mode:
+        fake = _window_attention_bias_op(mode.from_tensor(table), height, width, block, torch.float16)
+    assert fake.shape == expected.shape and fake.dtype == torch.float16

@@ -1,10 +1,12 @@
-"""The decoder's memory-format choice and its fused time-modulated GroupNorm keep its numbers."""
+"""The decoder's memory-format choice, its fused time-modulated GroupNorm and its transposed-convolution
+upsampling keep its numbers."""
 
 import pytest
 import torch
+from diffusers.models.resnet import Upsample2D
 from torch import nn
 
-from ssdd_diffusers.models.uvit_decoder import UViTDecoder, _group_norm_scale_shift
+from ssdd_diffusers.models.uvit_decoder import UViTDecoder, _group_norm_scale_shift, upsample_conv
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -39,6 +41,32 @@ def test_group_norm_scale_shift_gradients_match() -> None:
     expected = torch.autograd.grad(reference.square().sum(), (x, scale, shift, norm.weight))
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("size", [(5, 7), (8, 8)])
+def test_upsample_conv_equals_nearest_upsample_then_conv(channels_last: bool, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    upsampler = Upsample2D(6, use_conv=True, out_channels=10)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    expected = upsampler(x)  # interpolate(scale_factor=2, mode="nearest") then the 3x3 conv
+    got = upsample_conv(upsampler, x)
+    assert got.shape == (2, 10, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = (x, upsampler.conv.weight, upsampler.conv.bias)
+    probe = torch.randn_like(expected)
+    got_grads = torch.autograd.grad((got * probe).sum(), weights)
+    for g, e in zip(got_grads, torch.autograd.grad((expected * probe).sum(), weights)):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+
+
+def test_upsample_conv_falls_back_for_other_configurations() -> None:
+    torch.manual_seed(0)
+    upsampler = Upsample2D(4, use_conv=True, kernel_size=5, padding=2)
+    x = torch.randn(1, 4, 3, 3)
+    torch.testing.assert_close(upsample_conv(upsampler, x), upsampler(x), atol=0, rtol=0)
 
 
 def test_decoder_layout_auto_and_forced_agree() -> None:

@@ -111,6 +111,31 @@ def _group_norm_scale_shift(
     return out.view_as(x)
 
 
+# Row/column taps of a 3x3 kernel applied after 2x nearest upsampling, seen from the low-resolution
+# input: output row 2m + a reads input rows (m - 1, m) for a = 0 and (m, m + 1) for a = 1, with the
+# kernel rows (0 | 1 + 2) and (0 + 1 | 2). As a stride-2 transposed 4x4 kernel (index k = 2(m - i) + a + 1
+# for input row i), tap k sums these 3x3 rows.
+_UPSAMPLE_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))  # (4, 3)
+
+
+def upsample_conv(upsampler: Upsample2D, x: torch.Tensor) -> torch.Tensor:
+    """``upsampler(x)`` (2x nearest upsampling, then a 3x3 convolution) as one transposed convolution.
+
+    Every output pixel of nearest-upsample-then-conv sees a 2x2 neighbourhood of the input through
+    sums of the 3x3 weights, so the pair equals ``conv_transpose2d`` with a 4x4 kernel, stride 2 and
+    padding 1: 16 instead of 36 multiply-adds per output channel and input channel per 2x2 output
+    pixels, and no upsampled tensor in memory. Values agree up to float rounding (the summed weights).
+    x: (B, C, H, W) -> (B, C_out, 2H, 2W).
+    """
+    conv = upsampler.conv
+    plain = upsampler.interpolate and upsampler.norm is None and not upsampler.use_conv_transpose
+    if not plain or (conv.kernel_size, conv.stride, conv.padding) != ((3, 3), (1, 1), (1, 1)):
+        return upsampler(x)  # not the configuration the decoder builds
+    taps = conv.weight.new_tensor(_UPSAMPLE_TAPS)
+    weight = torch.einsum("ky,lx,oiyx->iokl", taps, taps, conv.weight)  # (C_in, C_out, 4, 4)
+    return F.conv_transpose2d(x, weight, conv.bias, stride=2, padding=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # Conditioning norms
 # ------------------------------------------------------------------------------------------------
@@ -411,7 +436,7 @@ class UViTDecoder(nn.Module):
             for resnet in block.resnets:
                 h = self._resnet(resnet, torch.cat([h, skips.pop()], dim=1), temb, context)
             if block.upsamplers is not None:
-                h = block.upsamplers[0](h)
+                h = upsample_conv(block.upsamplers[0], h)
 
         out = self.conv_out(F.silu(group_norm(h, self.conv_norm_out), inplace=_inplace_ok()))
         return out.contiguous()
