@@ -155,7 +155,8 @@ def _window_attention_bias_op(
     it is folded into a constant when the weights are frozen (``torch._inductor.config.freezing``).
     """
     window = (table.shape[0] + 1) // 2
-    return blocked_attention_bias(table, window_layout(height, width, window, block, table.device), dtype)
+    layout = window_layout(height, width, window, block, table.device)
+    return blocked_attention_bias(table, layout, dtype).contiguous()  # the fake's (contiguous) strides
 
 
 @_window_attention_bias_op.register_fake
