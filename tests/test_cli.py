@@ -272,6 +272,17 @@ def test_benchmark_memory_child_process() -> None:
     assert result["peak_mib"] >= 0 and result["weights_mib"] > 0
 
 
+def test_benchmark_contender_names() -> None:
+    assert bench.parse_ssdd("ssdd-S-1") == ("S", 1, False, False)
+    assert bench.parse_ssdd("ssdd-b-12-tiled") == ("B", 12, True, False)
+    assert bench.parse_ssdd("ssdd-S-1-fused") == ("S", 1, False, True)
+    assert bench.parse_ssdd("ssdd-S-1-fused-tiled") == ("S", 1, True, True)
+    for name in ("kl", "ssdd-S", "ssdd-S-x", "ssdd-S-1-big", "ssdd-S-1-tiled-tiled"):
+        assert bench.parse_ssdd(name) is None, name
+    contender = bench.build_contender("ssdd-XS-1-fused", torch.device("cpu"), torch.float32, False, None)
+    assert contender.model.decoder.fused_norm_kernels
+
+
 def test_benchmark_subcommand_writes_report(tmp_path) -> None:
     flags = {s for a in bench.build_parser()._actions for s in a.option_strings}
     # benchmarks/decode_benchmark.py keeps its flags (plus the allocator and freezing options)

@@ -17,7 +17,8 @@ Example (``ssdd-diffusers benchmark`` and ``python benchmarks/decode_benchmark.p
         --contenders ssdd-S-1 ssdd-B-1 ssdd-M-1 ssdd-S-12 kl consistency \
         --json benchmarks/results/decode_cpu.json --markdown benchmarks/results/decode_cpu.md
 
-Contender names: ``ssdd-{XS,S,B,M,L,XL,H}-{steps}`` (suffix ``-tiled`` decodes in 256 px tiles),
+Contender names: ``ssdd-{XS,S,B,M,L,XL,H}-{steps}`` (suffix ``-tiled`` decodes in 256 px tiles, ``-fused``
+uses the opt-in Triton norm kernels, ``decoder.fused_norm_kernels``, eager CUDA only),
 ``kl`` (AutoencoderKL, SD-VAE configuration), ``kl-tiled``, ``consistency`` (ConsistencyDecoderVAE,
 default configuration, its default 2 steps; very slow on CPU: by default timed once, at 256 px only).
 """
@@ -87,12 +88,18 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def parse_ssdd(name: str) -> tuple[str, int, bool] | None:
-    """``ssdd-S-1[-tiled]`` -> ("S", 1, tiled); None for other names."""
+SSDD_OPTIONS = ("tiled", "fused")
+
+
+def parse_ssdd(name: str) -> tuple[str, int, bool, bool] | None:
+    """``ssdd-S-1[-tiled][-fused]`` -> ("S", 1, tiled, fused); None for other names."""
     parts = name.split("-")
-    if parts[0] != "ssdd" or len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "tiled"):
+    options = parts[3:]
+    if parts[0] != "ssdd" or len(parts) < 3 or not parts[2].isdigit():
         return None
-    return parts[1].upper(), int(parts[2]), len(parts) == 4
+    if len(set(options)) != len(options) or not set(options) <= set(SSDD_OPTIONS):
+        return None
+    return parts[1].upper(), int(parts[2]), "tiled" in options, "fused" in options
 
 
 def build_contender(
@@ -105,11 +112,13 @@ def build_contender(
     if ssdd is not None:
         from ssdd_diffusers import SSDDAutoencoder
 
-        size, steps, tiled = ssdd
+        size, steps, tiled, fused = ssdd
         vae = SSDDAutoencoder.from_preset("f8c4", decoder=size).to(device=device, dtype=dtype).eval()
         vae = vae.to(memory_format=memory_format)
         if tiled:
             vae.enable_tiling(TILE_SIZE, TILE_OVERLAP)  # shared GroupNorm statistics: two passes
+        if fused:
+            vae.decoder.fused_norm_kernels = True  # Triton norm kernels (eager, NCHW, CUDA)
         if compile_mode:
             vae.decoder = torch.compile(
                 vae.decoder, mode=None if compile_mode == "default" else compile_mode, dynamic=False
@@ -574,7 +583,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--contenders",
         nargs="+",
         default=["ssdd-S-1", "ssdd-B-1", "ssdd-M-1", "ssdd-S-12", "kl", "consistency"],
-        help="ssdd-{XS,S,B,M,L,XL,H}-{steps}[-tiled], kl, kl-tiled, consistency.",
+        help="ssdd-{XS,S,B,M,L,XL,H}-{steps}[-tiled][-fused], kl, kl-tiled, consistency.",
     )
     p.add_argument("--repeats", type=int, default=5, help="Timed interleaved rounds (median reported).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed decodes per contender first.")

@@ -15,6 +15,7 @@ from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embeddin
 from diffusers.models.resnet import Upsample2D
 from torch import nn
 
+from . import fused_norms
 from .local_attention import LocalSelfAttention, RelativePositionBias
 
 NORM_GROUPS = 32
@@ -183,8 +184,22 @@ class AdaLayerNormTokens(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def _fused_norms_apply(x: torch.Tensor) -> bool:
+    """The Triton norm kernels serve eager inference on NCHW tensors (see ``fused_norms``)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused_norms.supports(x)
+
+
+def _affine_scale_shift(norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor):
+    """(B, C) factors of ``norm(x) * scale + shift`` with the norm's own affine folded in."""
+    if not norm.affine:
+        return scale, shift
+    return norm.weight * scale, norm.bias * scale + shift
+
+
 class SSDDResnetBlock(nn.Module):
     """ResNet block: AdaGN(context) -> SiLU -> conv -> GN * (1 + scale_t) + shift_t -> SiLU -> conv."""
+
+    use_fused_norms = False  # set through ``UViTDecoder.fused_norm_kernels``
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, context_channels: int):
         super().__init__()
@@ -196,6 +211,8 @@ class SSDDResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.use_fused_norms and _fused_norms_apply(x):
+            return self._forward_fused_norms(x, temb, context)
         inplace = _inplace_ok()
         h = self.conv1(F.silu(self.norm1(x, context), inplace=inplace))
         scale, shift = self.time_emb_proj(F.silu(temb)).chunk(2, dim=1)  # (B, C) each
@@ -203,6 +220,22 @@ class SSDDResnetBlock(nn.Module):
         h = self.conv2(F.silu(h, inplace=inplace))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(shortcut) if inplace else shortcut + h  # IEEE addition commutes exactly
+
+    def _forward_fused_norms(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        """The same block with each norm + modulation + SiLU as two Triton kernels (inference only)."""
+        norm1, norm2 = self.norm1.norm, self.norm2
+        ctx_scale, ctx_shift = self.norm1.ctx_proj(context).chunk(2, dim=1)  # (B, C, h, w) each
+        h = fused_norms.group_norm_modulate_silu(
+            x, norm1.num_groups, norm1.eps, ctx_scale, ctx_shift, scale_plus_one=True
+        )
+        h = self.conv1(h)
+        scale, shift = self.time_emb_proj(F.silu(temb)).chunk(2, dim=1)  # (B, C) each
+        scale, shift = _affine_scale_shift(norm2, 1 + scale, shift)
+        h = self.conv2(fused_norms.group_norm_modulate_silu(h, norm2.num_groups, norm2.eps, scale, shift))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h.add_(shortcut)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -364,6 +397,27 @@ class UViTDecoder(nn.Module):
         # and the time modulation fuses into them. True/False force a format. Values agree up to float
         # rounding.
         self.channels_last: bool | None = None
+        self._fused_norm_kernels = False
+
+    @property
+    def fused_norm_kernels(self) -> bool:
+        """Opt-in: eager GPU inference runs every norm + modulation + SiLU as two Triton kernels.
+
+        Applies to NCHW tensors (the automatic layout in eager mode on GPUs) without autograd and outside
+        ``torch.compile``; everything else keeps the PyTorch path. The kernels are exercised by the test
+        suite through Triton's CPU interpreter (values match the PyTorch path to float rounding). Their
+        GPU speed has not been measured yet, hence off by default.
+        """
+        return self._fused_norm_kernels
+
+    @fused_norm_kernels.setter
+    def fused_norm_kernels(self, enabled: bool) -> None:
+        if enabled and fused_norms.triton is None:
+            raise RuntimeError("fused_norm_kernels needs Triton (pip install triton).")
+        self._fused_norm_kernels = bool(enabled)
+        for module in self.modules():
+            if isinstance(module, SSDDResnetBlock):
+                module.use_fused_norms = bool(enabled)
 
     def _use_channels_last(self, device: torch.device) -> bool:
         if self.channels_last is not None:
@@ -438,5 +492,10 @@ class UViTDecoder(nn.Module):
             if block.upsamplers is not None:
                 h = upsample_conv(block.upsamplers[0], h)
 
-        out = self.conv_out(F.silu(group_norm(h, self.conv_norm_out), inplace=_inplace_ok()))
-        return out.contiguous()
+        if self._fused_norm_kernels and _fused_norms_apply(h):
+            norm = self.conv_norm_out
+            scale, shift = (p[None].expand(h.shape[0], -1) for p in (norm.weight, norm.bias))
+            h = fused_norms.group_norm_modulate_silu(h, norm.num_groups, norm.eps, scale, shift)
+        else:
+            h = F.silu(group_norm(h, self.conv_norm_out), inplace=_inplace_ok())
+        return self.conv_out(h).contiguous()
