@@ -3,6 +3,7 @@ gradient checkpointing, training, EMA), on tiny configurations."""
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
@@ -352,6 +353,31 @@ def test_tiling_equivalence_non_square_several_tiles():
     assert diff.mean() < 0.85 * unshared, (diff.mean(), unshared)  # measured 0.038 vs 0.053
     vae.disable_tiling()
     assert torch.equal(vae.decode(z).sample, reference)
+
+
+@torch.no_grad()
+def test_tiled_decode_pools_statistics_in_every_memory_format():
+    """Every GroupNorm reaches the pooled statistics, also on NCHW (the eager GPU layout, where the
+    time-modulated GroupNorm is otherwise fused into one functional call that module hooks never see)."""
+    torch.manual_seed(0)
+    vae = perturb_(SSDDAutoencoder(**tiny_config(sample_size=64)), scale=0.1).eval()
+    z = vae.encode(images(1, 96, 160, seed=3)).latent_dist.mode()
+    vae.enable_tiling()
+    norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    decoded, calls = {}, {}
+    for channels_last in (True, False):
+        vae.decoder.channels_last = channels_last
+        seen = collections.Counter()
+        counters = [
+            norm.register_forward_hook(lambda m, i, o, seen=seen: seen.update([id(m)])) for norm in norms
+        ]
+        decoded[channels_last] = vae.decode(z, generator=torch.Generator().manual_seed(0)).sample
+        for handle in counters:
+            handle.remove()
+        calls[channels_last] = seen
+    assert len(calls[True]) == len(norms)  # every GroupNorm ran as a module
+    assert calls[False] == calls[True]
+    torch.testing.assert_close(decoded[False], decoded[True], atol=1e-5, rtol=1e-5)
 
 
 def test_enable_tiling_validates_arguments(tiny_vae):

@@ -83,6 +83,11 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     return norm(x)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Module hooks (e.g. tiled decoding's pooled GroupNorm statistics) need the module to be called."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _group_norm_scale_shift(
     x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
@@ -91,10 +96,11 @@ def _group_norm_scale_shift(
     On an NCHW-contiguous ``x`` this is one GroupNorm kernel: the (B, C, H, W) tensor is viewed as
     (1, B*C, H, W) with B*G groups (the same groups, hence the same statistics) and the norm's affine
     folded with the modulation into a per-(image, channel) weight and bias. That saves two full-resolution
-    broadcast passes, which dominate GPU decode time. Other layouts take the unfused path.
+    broadcast passes, which dominate GPU decode time. Other layouts, and norms with hooks, take the
+    unfused path.
     """
     batch, channels = x.shape[:2]
-    if not x.is_contiguous():
+    if not x.is_contiguous() or _has_hooks(norm):
         out = group_norm(x, norm)
         if _inplace_ok():
             return out.mul_(scale[:, :, None, None]).add_(shift[:, :, None, None])
@@ -211,7 +217,7 @@ class SSDDResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.use_fused_norms and _fused_norms_apply(x):
+        if self.use_fused_norms and _fused_norms_apply(x) and not self._norms_hooked():
             return self._forward_fused_norms(x, temb, context)
         inplace = _inplace_ok()
         h = self.conv1(F.silu(self.norm1(x, context), inplace=inplace))
@@ -220,6 +226,9 @@ class SSDDResnetBlock(nn.Module):
         h = self.conv2(F.silu(h, inplace=inplace))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(shortcut) if inplace else shortcut + h  # IEEE addition commutes exactly
+
+    def _norms_hooked(self) -> bool:
+        return _has_hooks(self.norm1.norm) or _has_hooks(self.norm2)
 
     def _forward_fused_norms(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
@@ -492,7 +501,7 @@ class UViTDecoder(nn.Module):
             if block.upsamplers is not None:
                 h = upsample_conv(block.upsamplers[0], h)
 
-        if self._fused_norm_kernels and _fused_norms_apply(h):
+        if self._fused_norm_kernels and _fused_norms_apply(h) and not _has_hooks(self.conv_norm_out):
             norm = self.conv_norm_out
             scale, shift = (p[None].expand(h.shape[0], -1) for p in (norm.weight, norm.bias))
             h = fused_norms.group_norm_modulate_silu(h, norm.num_groups, norm.eps, scale, shift)
