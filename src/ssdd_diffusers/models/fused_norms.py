@@ -27,6 +27,8 @@ try:
 except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
     triton = None
 
+BLOCK = 1024  # elements per program step in both kernels
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -163,10 +165,9 @@ def group_norm_modulate_silu(
     mean = torch.empty(batch * num_groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     group_numel = channels // num_groups * height * width
-    _group_stats_kernel[(batch * num_groups,)](x, mean, rstd, group_numel, eps, BLOCK=1024)
+    _group_stats_kernel[(batch * num_groups,)](x, mean, rstd, group_numel, eps, BLOCK=BLOCK)
     out = torch.empty_like(x)
-    block = 1024
-    grid = (batch * channels, triton.cdiv(height * width, block))
+    grid = (batch * channels, triton.cdiv(height * width, BLOCK))
     params = (scale, shift) if scale is not None else (mean, mean)  # unused pointers when no params
     _normalize_modulate_silu_kernel[grid](
         x,
@@ -185,6 +186,6 @@ def group_norm_modulate_silu(
         PER_PIXEL=per_pixel,
         SCALE_PLUS_ONE=scale_plus_one,
         APPLY_SILU=silu,
-        BLOCK=block,
+        BLOCK=BLOCK,
     )
     return out

@@ -181,12 +181,11 @@ def _cached_bias(
     table's storage pointer and in-place version counter, so any weight update or load invalidates it.
     Compiled inference calls the bias as one opaque op instead (see ``_window_attention_bias_op``).
     """
-    needs_grad = torch.is_grad_enabled() and table.requires_grad
+    if torch.is_grad_enabled() and table.requires_grad:
+        return blocked_attention_bias(table, layout, dtype)
     if torch.compiler.is_compiling():
-        if needs_grad:
-            return blocked_attention_bias(table, layout, dtype)
         return _window_attention_bias_op(table, *grid, dtype)
-    if cache is None or needs_grad or table.is_inference():
+    if cache is None or table.is_inference():
         return blocked_attention_bias(table, layout, dtype)
     key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device, grid, dtype)
     owner = cache.get("table")

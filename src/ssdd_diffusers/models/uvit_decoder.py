@@ -88,6 +88,13 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _affine_scale_shift(norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor):
+    """(B, C) factors of ``norm(x) * scale + shift`` with the norm's own affine folded in."""
+    if not norm.affine:
+        return scale, shift
+    return norm.weight * scale, norm.bias * scale + shift
+
+
 def _group_norm_scale_shift(
     x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
@@ -105,9 +112,7 @@ def _group_norm_scale_shift(
         if _inplace_ok():
             return out.mul_(scale[:, :, None, None]).add_(shift[:, :, None, None])
         return out * scale[:, :, None, None] + shift[:, :, None, None]
-    weight, bias = scale, shift
-    if norm.affine:
-        weight, bias = norm.weight * scale, norm.bias * scale + shift
+    weight, bias = _affine_scale_shift(norm, scale, shift)
     out = F.group_norm(
         x.reshape(1, batch * channels, *x.shape[2:]),
         batch * norm.num_groups,
@@ -190,16 +195,11 @@ class AdaLayerNormTokens(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def _fused_norms_apply(x: torch.Tensor) -> bool:
-    """The Triton norm kernels serve eager inference on NCHW tensors (see ``fused_norms``)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and fused_norms.supports(x)
-
-
-def _affine_scale_shift(norm: nn.GroupNorm, scale: torch.Tensor, shift: torch.Tensor):
-    """(B, C) factors of ``norm(x) * scale + shift`` with the norm's own affine folded in."""
-    if not norm.affine:
-        return scale, shift
-    return norm.weight * scale, norm.bias * scale + shift
+def _fused_norms_apply(x: torch.Tensor, *norms: nn.GroupNorm) -> bool:
+    """The Triton norm kernels serve eager inference on NCHW tensors (see ``fused_norms``), for norms
+    without module hooks (tiled decoding pools statistics through them)."""
+    eager_inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    return eager_inference and fused_norms.supports(x) and not any(map(_has_hooks, norms))
 
 
 class SSDDResnetBlock(nn.Module):
@@ -217,7 +217,7 @@ class SSDDResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if self.use_fused_norms and _fused_norms_apply(x) and not self._norms_hooked():
+        if self.use_fused_norms and _fused_norms_apply(x, self.norm1.norm, self.norm2):
             return self._forward_fused_norms(x, temb, context)
         inplace = _inplace_ok()
         h = self.conv1(F.silu(self.norm1(x, context), inplace=inplace))
@@ -226,9 +226,6 @@ class SSDDResnetBlock(nn.Module):
         h = self.conv2(F.silu(h, inplace=inplace))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return h.add_(shortcut) if inplace else shortcut + h  # IEEE addition commutes exactly
-
-    def _norms_hooked(self) -> bool:
-        return _has_hooks(self.norm1.norm) or _has_hooks(self.norm2)
 
     def _forward_fused_norms(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor
@@ -501,7 +498,7 @@ class UViTDecoder(nn.Module):
             if block.upsamplers is not None:
                 h = upsample_conv(block.upsamplers[0], h)
 
-        if self._fused_norm_kernels and _fused_norms_apply(h) and not _has_hooks(self.conv_norm_out):
+        if self._fused_norm_kernels and _fused_norms_apply(h, self.conv_norm_out):
             norm = self.conv_norm_out
             scale, shift = (p[None].expand(h.shape[0], -1) for p in (norm.weight, norm.bias))
             h = fused_norms.group_norm_modulate_silu(h, norm.num_groups, norm.eps, scale, shift)
