@@ -1,7 +1,7 @@
 """Decode (and encode) speed and memory: SSDD presets against diffusers' AutoencoderKL and
 ConsistencyDecoderVAE, on identical latents, in one process, interleaved and repeated.
 
-A thin wrapper around :mod:`ssdd_diffusers.benchmark` (also available as ``ssdd-diffusers benchmark``
+A thin wrapper around :mod:`ssdd_diffusers.cli.benchmark` (also available as ``ssdd-diffusers benchmark``
 with the same flags); see that module for how timing and peak memory are measured.
 
 Example::
@@ -13,8 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from ssdd_diffusers.benchmark import (
-    DTYPES,
+from ssdd_diffusers.cli.benchmark import (
     SD_VAE_CONFIG,
     SLOW_CONTENDERS,
     Contender,
@@ -33,7 +32,6 @@ from ssdd_diffusers.benchmark import (
 )
 
 __all__ = [
-    "DTYPES",
     "SD_VAE_CONFIG",
     "SLOW_CONTENDERS",
     "Contender",

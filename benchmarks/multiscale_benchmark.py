@@ -37,6 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssdd_diffusers import SSDDAutoencoder
+from ssdd_diffusers.evaluation.metrics import psnr, to_uint8
 from ssdd_diffusers.multiscale import MultiScaleLayout, default_stage_steps, stage_resolutions
 
 
@@ -132,37 +133,20 @@ def speed_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 # Quality
 # ------------------------------------------------------------------------------------------------
 def load_photos(folder: str | None, resolution: int, limit: int) -> torch.Tensor:
-    """(N, 3, R, R) photos in [-1, 1]: shorter side resized to R (bicubic), centre crop."""
-    from PIL import Image
+    """(N, 3, R, R) photos in [-1, 1], resized (shorter side) and centre-cropped to R: a folder's images,
+    or the photos bundled with scikit-image."""
+    from ssdd_diffusers.data import EvalTransform, decode_image, find_images, sample_photos
 
-    if folder:
-        paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
-        images = [Image.open(p).convert("RGB") for p in paths[:limit]]
-    else:
-        from skimage import data as skdata
-
-        names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"]
-        images = [Image.fromarray(getattr(skdata, n)()).convert("RGB") for n in names[:limit]]
-    tensors = []
-    for img in images:
-        scale = resolution / min(img.size)
-        img = img.resize(
-            (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-            Image.BICUBIC,
-        )
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-        tensors.append(t.permute(2, 0, 1).float() / 127.5 - 1.0)
-    return torch.stack(tensors)
+    images = (
+        [decode_image(p) for p in find_images(folder)[:limit]] if folder else sample_photos("all")[:limit]
+    )
+    transform = EvalTransform(resolution)
+    return torch.stack([transform(image) for image in images])
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean PSNR (dB) on [0, 1] after clamping and 8-bit quantisation."""
-    qa = ((a.clamp(-1, 1) + 1) * 127.5).round() / 255
-    qb = ((b.clamp(-1, 1) + 1) * 127.5).round() / 255
-    mse = (qa - qb).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(1 / mse)).mean())
+    """Mean PSNR (dB) of images in [-1, 1] after clamping and 8-bit quantisation."""
+    return float(psnr(to_uint8(b), to_uint8(a)).clamp(max=100).mean())
 
 
 def quality_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +155,7 @@ def quality_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     images = load_photos(args.images, args.resolution, args.num_images)
     lpips = None
     try:
-        from ssdd_diffusers.metrics import LPIPSMetric
+        from ssdd_diffusers.evaluation.metrics import LPIPSMetric
 
         lpips = LPIPSMetric("pretrained").eval()
     except Exception as error:  # no offline AlexNet weights: report PSNR only

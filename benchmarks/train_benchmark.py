@@ -1,12 +1,16 @@
-"""Decoder training throughput: images/s of one flow-matching step (forward + backward + AdamW update).
+"""Training throughput of the training loop itself: seconds per optimisation step of
+:func:`ssdd_diffusers.training.trainer.main` (``training/train_ssdd.py``).
 
-Measures the velocity network only (frozen encoder, so latents are random), with the fp32 flow-matching
-loss; LPIPS and REPA, which add fixed-cost side networks, are left out. Warm-up steps, then the median
-of ``--repeats`` steps; all (resolution, batch) cases are interleaved round-robin.
+Each (resolution, batch) case runs the loop on a fresh ``f8c4`` model with the chosen decoder, a frozen
+encoder and random crops of the photos bundled with scikit-image, for ``--warmup + --repeats`` steps. The
+loop records the compute time of every step (teacher/encoder forward, decoder forward and backward,
+gradient clipping, optimiser and EMA update; data loading excluded); the median over the steps after the
+warm-up is reported. The defaults time the flow-matching loss alone (LPIPS and REPA add fixed-cost side
+networks that need downloaded weights).
 
 Example::
 
-    python benchmarks/train_benchmark.py --resolutions 128 256 --batch-sizes 1 4 \
+    python benchmarks/train_benchmark.py --resolutions 128 256 --batch-sizes 1 \
         --json benchmarks/results/train_cpu.json --markdown benchmarks/results/train_cpu.md
 """
 
@@ -17,130 +21,103 @@ import json
 import os
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ssdd_diffusers import SSDDAutoencoder
-
-
-def make_step(
-    decoder: torch.nn.Module, optimizer: torch.optim.Optimizer | None, x0: torch.Tensor, z: torch.Tensor
-):
-    """One training step closure on fixed inputs; returns the loss value."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    noise = torch.randn(x0.shape, generator=gen).to(x0)
-    t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen)).to(x0.device)
-
-    def step() -> float:
-        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        loss = F.mse_loss(decoder(x_t, t, z).float(), (x0 - noise).float())
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            decoder.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+from ssdd_diffusers.training.arguments import parse_args as parse_training_args
+from ssdd_diffusers.training.trainer import main as run_training
 
 
-def main(argv: list[str] | None = None) -> None:
+def loop_step_seconds(args: argparse.Namespace, resolution: int, batch: int) -> list[float]:
+    """Per-step compute seconds of the training loop for one case."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        argv = [
+            "--sample_photos", "all",
+            "--crops_per_image", "16",
+            "--resolution", str(resolution),
+            "--encoder", "f8c4",
+            "--decoder", args.preset,
+            "--train_batch_size", str(batch),
+            "--max_train_steps", str(args.warmup + args.repeats),
+            "--lpips_weight", "0",
+            "--repa_weight", "0",
+            "--optimizer", args.optimizer,
+            "--lr_warmup_steps", "0",
+            "--report_to", "none",
+            "--validation_steps", "0",
+            "--num_validation_images", "0",
+            "--checkpointing_steps", "0",
+            "--no_progress",
+            "--output_dir", output_dir,
+        ]  # fmt: skip
+        if args.gradient_checkpointing:
+            argv.append("--gradient_checkpointing")
+        result = run_training(parse_training_args(argv))
+    return [entry["step_seconds"] for entry in result["loss_history"]]
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="S")
+    p.add_argument("--preset", default="S", help="Decoder size.")
     p.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-optimizer", action="store_true", help="forward + backward only")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--repeats", type=int, default=3, help="Timed steps per case (median reported).")
+    p.add_argument("--warmup", type=int, default=1, help="Untimed first steps per case.")
+    p.add_argument("--optimizer", default="radam_schedulefree", choices=["radam_schedulefree", "adamw"])
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    vae = SSDDAutoencoder.from_preset("f8c4", decoder=args.preset).to(device)
-    decoder = vae.decoder.train()
-    if args.gradient_checkpointing:
-        vae.enable_gradient_checkpointing()
-    net = torch.compile(decoder) if args.compile else decoder
-    optimizer = None if args.no_optimizer else torch.optim.AdamW(decoder.parameters(), lr=1e-4)
-
-    cases = {}
-    for res in args.resolutions:
-        for batch in args.batch_sizes:
-            gen = torch.Generator().manual_seed(res + batch)
-            x0 = torch.randn(batch, 3, res, res, generator=gen).clamp(-1, 1).to(device)
-            z = torch.randn(batch, 4, res // 8, res // 8, generator=gen).to(device)
-            cases[(res, batch)] = make_step(net, optimizer, x0, z)
-
-    def timed(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    for step in cases.values():
-        for _ in range(args.warmup):
-            step()
-    times: dict[tuple[int, int], list[float]] = {k: [] for k in cases}
-    for r in range(args.repeats):
-        for key, step in cases.items():
-            times[key].append(timed(step))
-        print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items()), file=sys.stderr)
-
     rows = []
-    for (res, batch), ts in times.items():
-        med = statistics.median(ts)
-        rows.append(
-            {
-                "preset": args.preset,
-                "resolution": res,
-                "batch": batch,
-                "step_s_median": round(med, 4),
-                "step_s_all": [round(t, 4) for t in ts],
-                "images_per_s": round(batch / med, 3),
-            }
-        )
+    for resolution in args.resolutions:
+        for batch in args.batch_sizes:
+            seconds = loop_step_seconds(args, resolution, batch)[args.warmup :]
+            median = statistics.median(seconds)
+            rows.append(
+                {
+                    "preset": args.preset,
+                    "resolution": resolution,
+                    "batch": batch,
+                    "step_s_median": round(median, 4),
+                    "step_s_all": [round(t, 4) for t in seconds],
+                    "images_per_s": round(batch / median, 3),
+                }
+            )
+            print(f"{resolution}px batch {batch}: {median:.3f} s/step", file=sys.stderr)
     meta = {
-        "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+        "command": " ".join([os.path.relpath(sys.argv[0])] + (sys.argv[1:] if argv is None else argv)),
         "torch": torch.__version__,
-        "device": args.device,
         "threads": torch.get_num_threads(),
         "dtype": "fp32",
-        "optimizer": None if args.no_optimizer else "AdamW",
-        "loss": "flow-matching MSE (no LPIPS/REPA)",
+        "optimizer": args.optimizer,
+        "loop": "ssdd_diffusers.training.trainer.main, step compute time (data loading excluded)",
+        "loss": "flow-matching MSE (no LPIPS/REPA), frozen f8c4 encoder",
         "gradient_checkpointing": args.gradient_checkpointing,
-        "compile": args.compile,
         "loadavg": os.getloadavg(),
     }
     lines = [
-        f"Decoder {args.preset} training step (forward + backward"
-        f"{'' if args.no_optimizer else ' + AdamW'}), torch {meta['torch']}, {args.device} "
-        f"({meta['threads']} threads), fp32, median of {args.repeats}.",
+        f"Training-loop step of decoder {args.preset} (frozen f8c4 encoder, {args.optimizer}, EMA), torch "
+        f"{meta['torch']}, {meta['threads']} threads, fp32, median of {args.repeats} steps after "
+        f"{args.warmup} warm-up.",
         "",
-        "| res | batch | step ms | images/s |",
+        "| res | batch | step s | images/s |",
         "|---|---|---|---|",
     ]
     lines += [
-        f"| {r['resolution']} | {r['batch']} | {r['step_s_median'] * 1000:.0f} | {r['images_per_s']:.2f} |"
+        f"| {r['resolution']} | {r['batch']} | {r['step_s_median']:.2f} | {r['images_per_s']:.2f} |"
         for r in rows
     ]
     text = "\n".join(lines) + "\n"
     print(text)
+    report = {"meta": meta, "results": rows}
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
     if args.markdown:
         args.markdown.write_text(text)
+    return report
 
 
 if __name__ == "__main__":

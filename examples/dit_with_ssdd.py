@@ -27,8 +27,7 @@ from diffusers.utils import make_image_grid
 
 from ssdd_diffusers import SSDDAutoencoder
 from ssdd_diffusers.interop import check_replaces_pipeline_vae
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ssdd_diffusers.torch_utils import DTYPES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

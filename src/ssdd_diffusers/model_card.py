@@ -170,45 +170,6 @@ def config_rows(
 # ====================================================================================================
 # Evaluation
 # ====================================================================================================
-def _report_from_dict(data: Mapping[str, Any]) -> Any:
-    """An ``EvaluationReport`` (without images) from the JSON of :meth:`EvaluationReport.to_dict`."""
-    import dataclasses
-
-    import torch
-
-    from .evaluation import EvaluationReport, ModelResult
-
-    def number(value: Any) -> Any:
-        return float(value) if value in ("inf", "-inf") else value
-
-    names = {f.name for f in dataclasses.fields(ModelResult)}
-    defaults: dict[str, Any] = {
-        "source": "",
-        "class_name": "",
-        "num_inference_steps": None,
-        "num_parameters": 0,
-        "num_images": 0,
-        "metrics": {},
-        "images_per_second": 0.0,
-        "reconstruction_seconds": 0.0,
-        "peak_memory_mb": None,
-        "memory_metric": "not_measured",
-    }
-    results = []
-    for entry in data.get("models", []):
-        fields = {**defaults, **{k: v for k, v in entry.items() if k in names}}
-        fields["metrics"] = {k: number(v) for k, v in dict(fields["metrics"]).items()}
-        results.append(ModelResult(**fields))
-    return EvaluationReport(
-        results=results,
-        grid_originals=torch.empty(0, 3, 1, 1, dtype=torch.uint8),
-        grid_reconstructions={},
-        settings=dict(data.get("settings", {})),
-        unavailable_metrics=dict(data.get("unavailable_metrics", {})),
-        num_skipped_images=int(data.get("num_skipped_images", 0)),
-    )
-
-
 def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Scalar entries of ``metrics``, nested mappings as ``outer/inner`` keys; lists are left out."""
     flat: dict[str, Any] = {}
@@ -246,9 +207,9 @@ def evaluation_markdown(evaluation: Any) -> str | None:
 
     Accepts a Markdown string, a path (``str`` without ``|`` or a line break, or ``os.PathLike``) to a
     JSON / Markdown file or to a folder written by ``EvaluationReport.save``, the JSON of
-    ``EvaluationReport.to_dict`` (a mapping with ``"models"``, rendered with
-    ``EvaluationReport.to_markdown``), any other mapping of metric -> value (nested mappings become
-    ``outer/inner`` rows, lists are left out), or an ``EvaluationReport``.
+    ``EvaluationReport.to_dict`` (its ``"markdown"`` table is used, so the card needs no evaluation
+    code), any other mapping of metric -> value (nested mappings become ``outer/inner`` rows, lists are
+    left out), or anything with a ``to_markdown()`` method (an ``EvaluationReport``).
     """
     if evaluation is None:
         return None
@@ -262,8 +223,8 @@ def evaluation_markdown(evaluation: Any) -> str | None:
         is_markdown = "|" in evaluation or "\n" in evaluation.strip()
         text = evaluation if is_markdown else _evaluation_from_path(Path(evaluation))
     elif isinstance(evaluation, Mapping):
-        if "models" in evaluation:
-            text = _report_from_dict(evaluation).to_markdown()
+        if isinstance(evaluation.get("markdown"), str):  # EvaluationReport.to_dict()
+            text = evaluation["markdown"]
         elif _flatten(evaluation):
             text = _metrics_table(evaluation)
         else:

@@ -76,3 +76,33 @@ def encoder_preset(name: str) -> dict:
         "layers_per_block": 2,
         "latent_channels": latent_channels,
     }
+
+
+CPU_PRESETS: dict[str, dict] = {
+    # f4c4 encoder + a 1.3M-parameter 4-level decoder: learns 64 px reconstructions in minutes on a CPU
+    # (the quickstart and the fidelity benchmark).
+    "tiny": {
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "decoder_block_out_channels": (32, 32, 64, 64),
+        "decoder_layers_per_block": 1,
+        "decoder_transformer_layers": 2,
+        "decoder_attention_heads": 2,
+        "decoder_attention_window": 4,
+        "sample_size": 64,
+    },
+    # An even smaller model at 32 px for smoke runs (``examples/quickstart.py --quick``).
+    "micro": {
+        "block_out_channels": (32, 32, 32),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "decoder_block_out_channels": (32, 32, 64, 64),
+        "decoder_layers_per_block": 1,
+        "decoder_transformer_layers": 1,
+        "decoder_attention_heads": 2,
+        "decoder_attention_window": 4,
+        "sample_size": 32,
+    },
+}
+"""Complete ``SSDDAutoencoder`` configs of CPU-sized models, for examples and benchmarks."""

@@ -31,7 +31,7 @@ from ..multiscale import MultiScaleLayout, multiscale_euler_sample, resolve_stag
 from ..presets import decoder_preset, encoder_preset
 from ..sampling import euler_sample, flow_time_grid
 from ..tiling import SharedGroupNormStats, Tile, blend_tiles, plan_tiles
-from .uvit_decoder import UViTDecoder
+from .uvit_decoder import GEGLUFeedForward, SSDDResnetBlock, UViTDecoder
 
 DEFAULT_NOISE_SEED = 0
 
@@ -81,6 +81,10 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             ordinary full-resolution sampler); see :mod:`ssdd_diffusers.multiscale`.
         multiscale_steps: Euler steps per stage (length K) used when their sum equals the requested
             number of steps; otherwise ``multiscale.default_stage_steps`` splits the steps.
+        prediction_type: ``"velocity"`` (upstream SSDD; converted checkpoints) or ``"edm"``: the decoder
+            network is preconditioned so that its one-step output is a clean-image estimate that does not
+            carry the starting noise (see ``UViTDecoder``).
+        sigma_data: data standard deviation of the ``"edm"`` preconditioning.
     """
 
     _supports_gradient_checkpointing = True
@@ -112,6 +116,8 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         sample_size: int = 256,
         multiscale_stages: int = 1,
         multiscale_steps: tuple[int, ...] | None = None,
+        prediction_type: str = "velocity",
+        sigma_data: float = 0.5,
     ):
         super().__init__()
         if num_inference_steps < 1:
@@ -138,6 +144,8 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             attention_window=decoder_attention_window,
             in_channels=out_channels,
             out_channels=out_channels,
+            prediction_type=prediction_type,
+            sigma_data=sigma_data,
         )
         self.use_slicing = False
         self.use_tiling = False
@@ -167,11 +175,11 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for name, module in self.decoder.named_modules():
-            if name.endswith(("resnets.0.conv2", "resnets.1.conv2", "resnets.2.conv2")) or name.endswith(
-                "ff.proj_out"
-            ):
-                nn.init.zeros_(module.weight)
+        for module in self.decoder.modules():  # the last layer of every residual branch starts at zero
+            if isinstance(module, SSDDResnetBlock):
+                nn.init.zeros_(module.conv2.weight)
+            elif isinstance(module, GEGLUFeedForward):
+                nn.init.zeros_(module.proj_out.weight)
 
     @classmethod
     def from_preset(cls, encoder: str = "f8c4", decoder: str = "M", **config_overrides) -> SSDDAutoencoder:

