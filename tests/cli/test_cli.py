@@ -281,6 +281,21 @@ def test_benchmark_contender_names() -> None:
         assert bench.parse_ssdd(name) is None, name
     contender = bench.build_contender("ssdd-XS-1-fused", torch.device("cpu"), torch.float32, False, None)
     assert contender.model.decoder.fused_norm_kernels
+    assert bench.parse_ssdd("ssdd-S-1-cl") == ("S", 1, False, False)
+    contender = bench.build_contender("ssdd-XS-1-cl", torch.device("cpu"), torch.float32, False, None)
+    assert contender.model.decoder.channels_last is True
+
+
+def test_benchmark_reference_decoders_tiny_and_dc() -> None:
+    """AutoencoderTiny (TAESD, f8c4) and AutoencoderDC (f32c32) decode their own latents to 64 px images."""
+    cpu = torch.device("cpu")
+    for name, channels, factor in (("tiny", 4, 8), ("dc", 32, 32)):
+        contender = bench.build_contender(name, cpu, torch.float32, False, None)
+        z = contender.latents(2, 64, cpu, torch.float32)
+        assert z.shape == (2, channels, 64 // factor, 64 // factor), name
+        with torch.no_grad():
+            assert contender.decode(z).shape == (2, 3, 64, 64), name
+        assert torch.equal(z, contender.latents(2, 64, cpu, torch.float32))  # seeded: the same every call
 
 
 def test_benchmark_subcommand_writes_report(tmp_path) -> None:

@@ -50,6 +50,22 @@ INTERPRETED_CHECKS = f"TWO_LEVEL_DECODER_CONFIG = {TWO_LEVEL_DECODER_CONFIG!r}\n
     got = run(x, 32, 1e-5, scale, shift, scale_plus_one=True)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
+    # channels_last (NHWC) input: the same values, and the output keeps the memory format; 96 channels
+    # span two channel tiles of 64 with 3 channels per group (a group tile padded to 4).
+    nhwc = (torch.randn(2, 96, 40, 44) * 3 + 5).contiguous(memory_format=torch.channels_last)
+    reference = F.group_norm(nhwc.contiguous(), 32, eps=1e-5)
+    plain = run(nhwc, 32, 1e-5, silu=False)
+    assert plain.is_contiguous(memory_format=torch.channels_last) and not plain.is_contiguous()
+    torch.testing.assert_close(plain, reference, atol=2e-5, rtol=1e-5)
+    c_scale, c_shift = torch.randn(2, 96), torch.randn(2, 96)
+    expected = F.silu(reference * c_scale[:, :, None, None] + c_shift[:, :, None, None])
+    torch.testing.assert_close(run(nhwc, 32, 1e-5, c_scale, c_shift), expected, atol=2e-5, rtol=1e-5)
+    nhwc_params = torch.randn(2, 192, 5, 11).contiguous(memory_format=torch.channels_last)
+    p_scale, p_shift = nhwc_params.chunk(2, dim=1)
+    expected = F.silu(reference * (1 + up(p_scale, (40, 44))) + up(p_shift, (40, 44)))
+    got = run(nhwc, 32, 1e-5, p_scale, p_shift, scale_plus_one=True)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
     # Welford statistics: a large mean does not wash out a small variance. E[x^2] - E[x]^2 in float32
     # would be off by ~0.06 against a variance of 1e-4; what remains is the float32 mean's rounding
     # (ulp(1000) / 0.01 ~ 0.006 in normalised units).
@@ -83,6 +99,15 @@ INTERPRETED_CHECKS = f"TWO_LEVEL_DECODER_CONFIG = {TWO_LEVEL_DECODER_CONFIG!r}\n
     assert len(calls) == 2 * resnets + 1, (len(calls), resnets)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # ... and with the trunk in channels_last (the automatic layout when the kernels are on)
+    decoder.channels_last = None
+    assert decoder._use_channels_last(x_t.device)
+    calls.clear()
+    with torch.no_grad():
+        got = decoder(x_t, torch.tensor([0.7]), z)
+    assert len(calls) == 2 * resnets + 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    decoder.channels_last = False
 
     # Norms with module hooks (tiled decoding pools GroupNorm statistics through them) run as modules.
     norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]

@@ -179,12 +179,15 @@ def _cached_bias(
 
     Only used when no gradient can flow to the table and outside ``torch.compile``; the key holds the
     table's storage pointer and in-place version counter, so any weight update or load invalidates it.
-    Compiled inference calls the bias as one opaque op instead (see ``_window_attention_bias_op``).
+    Compiled inference on CPU calls the bias as one opaque op instead (see ``_window_attention_bias_op``);
+    on GPUs the gather stays in the graph, so compiled graphs hold no opaque op.
     """
     if torch.is_grad_enabled() and table.requires_grad:
         return blocked_attention_bias(table, layout, dtype)
     if torch.compiler.is_compiling():
-        return _window_attention_bias_op(table, *grid, dtype)
+        if table.device.type == "cpu":  # frozen weights fold the op into a constant (see the op)
+            return _window_attention_bias_op(table, *grid, dtype)
+        return blocked_attention_bias(table, layout, dtype)  # GPUs: no opaque op; Inductor fuses the gather
     if cache is None or table.is_inference():
         return blocked_attention_bias(table, layout, dtype)
     key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device, grid, dtype)
