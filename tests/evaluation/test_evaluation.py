@@ -372,3 +372,33 @@ def test_latent_stats_of_autoencoder_kl(kl_dir: Path, image_dir: Path) -> None:
         z = model.encode(images).latent_dist.mode().double()
     assert stats.scalar_std == pytest.approx(z.std(unbiased=False).item(), rel=1e-5)
     assert stats.config_updates()["shift_factor"] == pytest.approx(z.mean().item(), rel=1e-5, abs=1e-6)
+
+
+class MeanAbsoluteDistance(nn.Module):
+    """A stand-in perceptual distance: (B, 3, H, W) x2 in [-1, 1] -> (B,) mean absolute difference."""
+
+    def forward(self, reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        return (reference - reconstruction).abs().flatten(1).mean(1)
+
+
+def test_custom_perceptual_distance_and_memory_column(tmp_path: Path) -> None:
+    """A custom distance is reported as LPIPS* with a note; in-memory models on CPU have no meaningful
+    memory baseline, so the report leaves the memory column out; the JSON carries its Markdown table."""
+    torch.manual_seed(0)
+    model = LoadedAutoencoder.from_model(perturb_(SSDDAutoencoder(**tiny_config())), label="m")
+    images = torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    settings = MetricSettings(compute_fid=False, lpips_distance=MeanAbsoluteDistance())
+    report = evaluate_models(
+        [model], images, device="cpu", metrics=settings, progress=False, warmup_batches=0
+    )
+    result = report.results[0]
+    reconstruction = model.reconstruct(images, shared_noise(images.shape, 0, 0))
+    quantised = ev.to_uint8(reconstruction).float() / 127.5 - 1
+    expected = (ev.to_uint8(images).float() / 127.5 - 1 - quantised).abs().mean()
+    assert result.metrics["lpips"] == pytest.approx(float(expected), rel=1e-5)
+    assert result.memory_metric == "not_measured" and result.peak_memory_mb is None
+    markdown = report.to_markdown()
+    assert "LPIPS* ↓" in markdown and "custom:MeanAbsoluteDistance" in markdown
+    assert "Peak memory" not in markdown
+    assert report.to_dict()["markdown"] == markdown
+    assert report.settings["lpips_backbone"] == "custom:MeanAbsoluteDistance"
