@@ -10,6 +10,13 @@ What it does, with no arguments and no network:
    field), with the training script's own loop (:func:`ssdd_diffusers.training.trainer.main`).
 2. **Distil** it into a one-step decoder with the same loop (``--distill``: a frozen N-step teacher, a
    student initialised from it).
+
+The recipe is the clean one-step recipe of ``docs/training.md``: an EDM-preconditioned decoder
+(``--prediction_type edm``), a quarter of the training samples at t = 1 (``--one_step_fraction``), an L1
+term on the one-step estimate (``--recon_weight``), and a student that draws its own noise
+(``--distill_noise independent``), so it is deterministic and clean rather than a copy of the teacher's
+noise. ``--prediction_type velocity --one_step_fraction 0 --recon_weight 0 --distill_noise shared`` is the
+upstream recipe.
 3. **Evaluate** teacher (N steps) and student (1 step) with :func:`ssdd_diffusers.evaluation.evaluate_models`
    on fixed crops of the held-out photos (chelsea, coffee): PSNR, SSIM, and LPIPS (AlexNet) / rFID
    (Inception) when their pretrained weights can be loaded (offline they are reported as "n/a").
@@ -116,6 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--weight_decay", type=float, default=1e-2)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument(
+        "--prediction_type",
+        type=str,
+        default="edm",
+        choices=["velocity", "edm"],
+        help="edm: the one-step output carries no starting noise (velocity: upstream SSDD).",
+    )
+    g.add_argument(
+        "--one_step_fraction", type=float, default=0.25, help="Share of training samples at t = 1."
+    )
+    g.add_argument(
+        "--recon_weight", type=float, default=1.0, help="L1 of the one-step estimate (and student)."
+    )
+    g.add_argument(
+        "--distill_noise",
+        type=str,
+        default="independent",
+        choices=["shared", "independent"],
+        help="independent: a deterministic student (the teacher's mean sample); shared: upstream.",
+    )
     g.add_argument("--lpips_weight", type=float, default=0.0, help="SSDD uses 0.5 (downloads VGG16).")
     g.add_argument("--repa_weight", type=float, default=0.0, help="SSDD uses 0.25 (downloads DINOv2).")
     g.add_argument("--repa_model", type=str, default="facebook/dinov2-base")
@@ -212,6 +239,7 @@ def training_arguments(
         "--lpips_weight", str(args.lpips_weight),
         "--repa_weight", str(args.repa_weight),
         "--repa_model", args.repa_model,
+        "--recon_weight", str(args.recon_weight),
         "--ema_decay", "0",
         "--seed", str(seed),
         "--report_to", "none",
@@ -245,6 +273,8 @@ def train_teacher(args: argparse.Namespace, data_flags: list[str], output_dir: P
     }
     argv = training_arguments(args, data_flags, output_dir, minutes, args.seed) + [
         "--model_config", json.dumps(config),
+        "--prediction_type", args.prediction_type,
+        "--one_step_fraction", str(args.one_step_fraction),
         "--train_encoder",
         "--kl_weight", "1e-6",
         "--max_train_steps", str(args.max_train_steps),
@@ -262,6 +292,7 @@ def distill_student(
     argv = training_arguments(args, data_flags, output_dir, minutes, args.seed + 1) + [
         "--teacher_model_name_or_path", str(teacher_dir),
         "--teacher_steps", str(args.teacher_steps),
+        "--distill_noise", args.distill_noise,
         "--max_train_steps", str(args.distill_steps),
         "--learning_rate", str(args.distill_learning_rate),
     ]  # fmt: skip

@@ -225,39 +225,30 @@ def build_contender(
             _params(vae),
             notes="default config, 2 steps",
         )
-    if name == "tiny":
-        from diffusers import AutoencoderTiny
+    if name in ("tiny", "dc"):  # diffusers' TAESD (f8c4) and DC-AE (f32c32) in their default configs
+        from diffusers import AutoencoderDC, AutoencoderTiny
 
-        vae = AutoencoderTiny().to(device=device, dtype=dtype).eval().to(memory_format=memory_format)
+        cls = AutoencoderTiny if name == "tiny" else AutoencoderDC
+        vae = cls().to(device=device, dtype=dtype).eval().to(memory_format=memory_format)
         if compile_mode:
             vae.decoder = torch.compile(vae.decoder, mode=_mode(compile_mode), dynamic=False)
+        factor = getattr(vae, "spatial_compression_ratio", 8)  # AutoencoderTiny has none: f8
+
+        def encode_reference(x: torch.Tensor) -> torch.Tensor:
+            encoded = vae.encode(x)
+            return encoded.latents if name == "tiny" else encoded.latent
+
         return Contender(
             name,
             vae,
             lambda z: vae.decode(z).sample,
-            lambda x: vae.encode(x).latents,
+            encode_reference,
             _params(vae.decoder),
             _params(vae),
             flops_fn=lambda z: vae.decode(z),
-            notes="AutoencoderTiny (TAESD) default config, f8c4",
-        )
-    if name == "dc":
-        from diffusers import AutoencoderDC
-
-        vae = AutoencoderDC().to(device=device, dtype=dtype).eval().to(memory_format=memory_format)
-        if compile_mode:
-            vae.decoder = torch.compile(vae.decoder, mode=_mode(compile_mode), dynamic=False)
-        return Contender(
-            name,
-            vae,
-            lambda z: vae.decode(z).sample,
-            lambda x: vae.encode(x).latent,
-            _params(vae.decoder),
-            _params(vae),
-            flops_fn=lambda z: vae.decode(z),
-            notes="AutoencoderDC default config, f32c32",
+            notes=f"{cls.__name__} default config, f{factor}c{vae.config.latent_channels}",
             latent_channels=vae.config.latent_channels,
-            factor=vae.spatial_compression_ratio,
+            factor=factor,
         )
     raise ValueError(f"Unknown contender {name!r}.")
 

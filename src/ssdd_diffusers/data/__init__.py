@@ -9,7 +9,7 @@ from ..dependencies import require
 
 require("torchvision", extra="eval", feature="ssdd_diffusers.data")
 
-from .datasets import (  # noqa: E402
+from .datasets import (
     CollateWithSkipCount,
     HFImageDataset,
     HFIterableImageDataset,
@@ -22,7 +22,7 @@ from .datasets import (  # noqa: E402
     load_image_dataset,
     wrap_hf_dataset,
 )
-from .images import (  # noqa: E402
+from .images import (
     DECODE_ERRORS,
     IMAGE_EXTENSIONS,
     decode_image,
@@ -31,7 +31,7 @@ from .images import (  # noqa: E402
     to_signed_tensor,
     try_decode_image,
 )
-from .sample_photos import (  # noqa: E402
+from .sample_photos import (
     HELDOUT_PHOTOS,
     SKIMAGE_PHOTOS,
     SKLEARN_PHOTOS,
@@ -39,7 +39,7 @@ from .sample_photos import (  # noqa: E402
     sample_photo_paths,
     sample_photos,
 )
-from .transforms import EvalTransform, ImageTransform, TrainTransform  # noqa: E402
+from .transforms import EvalTransform, ImageTransform, TrainTransform
 
 __all__ = [
     "DECODE_ERRORS",

@@ -131,7 +131,31 @@ class BlockOutputCapture:
         self._handle.remove()
 
 
-class SSDDObjective(nn.Module):
+class AutoencoderObjective(nn.Module):
+    """What the training loop needs of an objective: the autoencoder ``vae`` (its encoder frozen unless
+    ``train_encoder``), the modules the optimiser updates and a train mode that keeps a frozen encoder in
+    eval mode. ``forward(images, generator, loss_scale=...)`` returns ``{"loss", <term>: ...}``."""
+
+    vae: nn.Module
+    train_encoder: bool
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the optimiser updates (frozen parameters are skipped there)."""
+        return [self.vae]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """All parameters with ``requires_grad`` (a frozen encoder and the loss networks excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> AutoencoderObjective:
+        """Set train mode; a frozen encoder stays in eval mode (it has no dropout, but be explicit)."""
+        super().train(mode)
+        if not self.train_encoder:
+            self.vae.encoder.eval()
+        return self
+
+
+class SSDDObjective(AutoencoderObjective):
     """The SSDD training objective around an ``SSDDAutoencoder``.
 
     ``forward(images, generator)`` returns a dict of scalar tensors: ``"loss"`` (weighted sum, with
@@ -226,17 +250,6 @@ class SSDDObjective(nn.Module):
         if self.repa is not None:
             modules.append(self.repa.projector)
         return modules
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """All parameters with ``requires_grad`` (frozen encoder, LPIPS and DINOv2 excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> SSDDObjective:
-        """Set train mode; a frozen encoder stays in eval mode (it has no dropout, but be explicit)."""
-        super().train(mode)
-        if not self.train_encoder:
-            self.vae.encoder.eval()
-        return self
 
     # ------------------------------------------------------------------------------------------------
     # Building blocks shared by the single- and multi-scale objectives
@@ -413,7 +426,7 @@ class SSDDObjective(nn.Module):
         return {"fm": parts["mse"], "lpips": lpips, "repa": self.repa_term(images)}
 
 
-class AutoencoderKLObjective(nn.Module):
+class AutoencoderKLObjective(AutoencoderObjective):
     """The deterministic baseline: a diffusers ``AutoencoderKL`` trained to reconstruct the images with the
     reconstruction loss (``weights.recon``, L1 by default) and LPIPS (``weights.lpips``), on its frozen
     encoder's latents, or jointly with its encoder (``train_encoder``, adding ``weights.kl``·KL). It is
@@ -446,21 +459,6 @@ class AutoencoderKLObjective(nn.Module):
         self.recon_loss = recon_loss
         set_encoder_trainable(vae, train_encoder)
         self.lpips = LPIPSLoss(net=lpips_net, backbone=lpips_backbone) if self.weights.lpips > 0 else None
-
-    def trainable_modules(self) -> list[nn.Module]:
-        """The autoencoder (a frozen encoder has ``requires_grad=False``)."""
-        return [self.vae]
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters with ``requires_grad`` (the decoder, and the encoder when it trains)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def train(self, mode: bool = True) -> AutoencoderKLObjective:
-        """Set train mode; a frozen encoder stays in eval mode."""
-        super().train(mode)
-        if not self.train_encoder:
-            self.vae.encoder.eval()
-        return self
 
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, *, loss_scale: float = 1.0

@@ -20,36 +20,42 @@ from ..dependencies import require
 
 require("accelerate", "schedulefree", "datasets", extra="training", feature="SSDD training")
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from accelerate.logging import get_logger  # noqa: E402
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed  # noqa: E402
-from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
-from ..data import SamplePhotoDataset, TrainTransform, collate_images, load_image_dataset  # noqa: E402
-from ..model_card import write_model_card  # noqa: E402
-from ..models import SSDDAutoencoder  # noqa: E402
-from .checkpoints import read_checkpoint_state, resolve_resume_checkpoint, save_checkpoint_atomic  # noqa: E402
-from .ema import create_ema, ema_is_averaging  # noqa: E402
-from .hub import push_folder_to_hub  # noqa: E402
-from .model_loading import build_model, load_teacher  # noqa: E402
-from .multiscale import teacher_multiscale_targets  # noqa: E402
-from .objective import AutoencoderKLObjective, LossWeights, SSDDObjective, distillation_targets  # noqa: E402
-from .optim import (  # noqa: E402
+from ..data import SamplePhotoDataset, TrainTransform, collate_images, load_image_dataset
+from ..model_card import write_model_card
+from ..models import SSDDAutoencoder
+from .checkpoints import read_checkpoint_state, resolve_resume_checkpoint, save_checkpoint_atomic
+from .ema import create_ema, ema_is_averaging
+from .hub import push_folder_to_hub
+from .model_loading import build_model, load_teacher
+from .multiscale import teacher_multiscale_targets
+from .objective import (
+    AutoencoderKLObjective,
+    AutoencoderObjective,
+    LossWeights,
+    SSDDObjective,
+    distillation_targets,
+)
+from .optim import (
     create_lr_scheduler,
     create_optimizer,
     schedule_free_eval,
     set_optimizer_mode,
     weight_decay_param_groups,
 )
-from .reproducibility import (  # noqa: E402
+from .reproducibility import (
     EpochShuffleSampler,
     SeededAugmentDataset,
     SeededAugmentIterableDataset,
     step_generator,
 )
-from .validation import run_validation, validation_images  # noqa: E402
+from .validation import run_validation, validation_images
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -83,7 +89,7 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     return accelerator
 
 
-def build_objective(args: argparse.Namespace, vae: Any) -> SSDDObjective | AutoencoderKLObjective:
+def build_objective(args: argparse.Namespace, vae: Any) -> AutoencoderObjective:
     """The training objective around ``vae`` with the loss weights and networks of ``args``."""
     weights = LossWeights(
         args.fm_weight, args.lpips_weight, args.repa_weight, args.kl_weight, args.recon_weight
@@ -277,8 +283,54 @@ def resume(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path)
 # ====================================================================================================
 # Main
 # ====================================================================================================
+@dataclass
+class TrainingRun:
+    """What one run works with, built by :func:`setup` (``model`` is the accelerate-prepared objective)."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    objective: AutoencoderObjective
+    model: Any
+    teacher: SSDDAutoencoder | None
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Any
+    dataloader: DataLoader
+    sampler: EpochShuffleSampler | None
+    train_dataset: Any
+    val_images: torch.Tensor | None
+    output_dir: Path
+    max_train_steps: int
+    steps_per_epoch: int | None
+    num_epochs: int
+    base_model: str = ""
+    repo_id: str | None = None
+    state: LoopState = field(default_factory=LoopState)
+
+    @property
+    def total_batch(self) -> int:
+        args = self.args
+        return args.train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or distil) and save the final model. Returns a summary (losses per step, counters, metrics)."""
+    run = setup(args)
+    run.state = resume(args, run.accelerator, run.output_dir)
+    set_optimizer_mode(run.optimizer, train=True)
+    logger.info(
+        f"***** Running {'distillation' if args.distill else 'training'} *****\n"
+        f"  examples = {len(run.train_dataset) if run.sampler is not None else 'streaming'}, epochs = "
+        f"{run.num_epochs if run.steps_per_epoch else '?'}, per-device batch = {args.train_batch_size}, "
+        f"total batch = {run.total_batch}, accumulation = {args.gradient_accumulation_steps}, "
+        f"steps = {run.max_train_steps}, start step = {run.state.global_step}"
+    )
+    train_loop(run)
+    return finish(run)
+
+
+def setup(args: argparse.Namespace) -> TrainingRun:
+    """Accelerator, models, objective, EMA, data, optimiser and checkpoint hooks of a run."""
     output_dir = Path(args.output_dir)
     accelerator = create_accelerator(args)
     repo_id = None
@@ -308,12 +360,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataloader, sampler = build_dataloader(args, train_dataset)
 
     groups = weight_decay_param_groups(objective.trainable_modules(), args.weight_decay)
+    betas = (args.adam_beta1, args.adam_beta2)
     optimizer = create_optimizer(
-        args.optimizer,
-        groups,
-        args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        eps=args.adam_epsilon,
+        args.optimizer, groups, args.learning_rate, betas=betas, eps=args.adam_epsilon
     )
     steps_per_epoch = None
     if sampler is not None:
@@ -333,64 +382,32 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         model, optimizer, dataloader = accelerator.prepare(objective, optimizer, dataloader)
+    num_epochs = 1 << 30  # a stream: the step count ends the run
     if steps_per_epoch is not None:
         steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
         num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    else:
-        num_epochs = 1 << 30
     register_checkpoint_hooks(accelerator, ema, type(vae))
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
-
-    state = resume(args, accelerator, output_dir)
-    set_optimizer_mode(optimizer, train=True)
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(
-        f"***** Running {'distillation' if args.distill else 'training'} *****\n"
-        f"  examples = {len(train_dataset) if sampler is not None else 'streaming'}, epochs = "
-        f"{num_epochs if steps_per_epoch else '?'}, per-device batch = {args.train_batch_size}, "
-        f"total batch = {total_batch}, accumulation = {args.gradient_accumulation_steps}, "
-        f"steps = {max_train_steps}, start step = {state.global_step}"
-    )
-    train_loop(
-        args, accelerator, model, objective, teacher, optimizer, lr_scheduler, ema, dataloader, sampler,
-        train_dataset, val_images, state, output_dir, max_train_steps, steps_per_epoch, num_epochs,
+    return TrainingRun(
+        args, accelerator, objective, model, teacher, optimizer, lr_scheduler, ema, dataloader, sampler,
+        train_dataset, val_images, output_dir, max_train_steps, steps_per_epoch, num_epochs, base_model,
+        repo_id,
     )  # fmt: skip
-    return finish(args, accelerator, objective, optimizer, ema, val_images, state, output_dir, repo_id,
-                  base_model, total_batch)  # fmt: skip
 
 
-def train_loop(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    model: Any,
-    objective: SSDDObjective,
-    teacher: SSDDAutoencoder | None,
-    optimizer: Any,
-    lr_scheduler: Any,
-    ema: Any,
-    dataloader: DataLoader,
-    sampler: EpochShuffleSampler | None,
-    train_dataset: Any,
-    val_images: torch.Tensor | None,
-    state: LoopState,
-    output_dir: Path,
-    max_train_steps: int,
-    steps_per_epoch: int | None,
-    num_epochs: int,
-) -> None:
+def train_loop(run: TrainingRun) -> None:
     """Run optimisation steps until ``max_train_steps`` (or the ``--max_train_minutes`` guard)."""
-    first_epoch = state.global_step // steps_per_epoch if steps_per_epoch else 0
-    done_in_epoch = (
-        state.global_step - first_epoch * steps_per_epoch if steps_per_epoch else state.global_step
-    )
+    args, accelerator, state = run.args, run.accelerator, run.state
+    first_epoch = state.global_step // run.steps_per_epoch if run.steps_per_epoch else 0
+    done_in_epoch = state.global_step - first_epoch * (run.steps_per_epoch or 0)
     resume_batches = done_in_epoch * args.gradient_accumulation_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
     progress = tqdm(
-        total=max_train_steps,
+        total=run.max_train_steps,
         initial=state.global_step,
         desc="Steps",
-        disable=not accelerator.is_local_main_process,
+        disable=args.no_progress or not accelerator.is_local_main_process,
     )
     deadline = None if args.max_train_minutes is None else time.monotonic() + 60.0 * args.max_train_minutes
     micro_step = 0
@@ -398,19 +415,19 @@ def train_loop(
     step_images = 0
     step_seconds = 0.0
     tick = time.perf_counter()
-    done = state.global_step >= max_train_steps
-    for epoch in range(first_epoch, num_epochs):
+    done = state.global_step >= run.max_train_steps
+    for epoch in range(first_epoch, run.num_epochs):
         if done:
             break
         # accelerate's loader re-applies its own epoch counter to the sampler/dataset when iterated (and
         # copies it into skip_first_batches' loader): set it too, so order and augmentation follow `epoch`.
-        dataloader.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        loader = dataloader
+        run.dataloader.set_epoch(epoch)
+        if run.sampler is not None:
+            run.sampler.set_epoch(epoch)
+        run.train_dataset.set_epoch(epoch)
+        loader = run.dataloader
         if epoch == first_epoch and resume_batches > 0:
-            loader = accelerator.skip_first_batches(dataloader, resume_batches)
+            loader = accelerator.skip_first_batches(run.dataloader, resume_batches)
         for batch in loader:
             pixel_values = batch["pixel_values"]
             state.skipped_local += int(batch["num_skipped"])
@@ -424,16 +441,18 @@ def train_loop(
                 args.seed, state.global_step, micro_step, accelerator.process_index, accelerator.device
             )
             compute_start = time.perf_counter()
-            with accelerator.accumulate(model):
-                out = compute_losses(model, teacher, pixel_values, generator, args, accelerator, loss_scale)
+            with accelerator.accumulate(run.model):
+                out = compute_losses(
+                    run.model, run.teacher, pixel_values, generator, args, accelerator, loss_scale
+                )
                 accelerator.backward(out["loss"])
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                if lr_scheduler is not None:
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.step()
+                if run.lr_scheduler is not None:
+                    run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
             step_seconds += time.perf_counter() - compute_start
             micro_step += 1
             state.images_local += batch_size
@@ -445,14 +464,14 @@ def train_loop(
 
             # ------------------------------------------------------------ one optimisation step done
             state.global_step += 1
-            if ema is not None:
-                ema.step(objective.vae.parameters())
+            if run.ema is not None:
+                run.ema.step(run.objective.vae.parameters())
             keys = sorted(sums)
             means = accelerator.reduce(torch.stack([sums[k] / micro_step for k in keys]), reduction="mean")
             logs = {k: float(v) for k, v in zip(keys, means)}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
-            logs["lr"] = float(optimizer.param_groups[0]["lr"])
+            logs["lr"] = float(run.optimizer.param_groups[0]["lr"])
             now = time.perf_counter()
             logs["images_per_s"] = step_images * accelerator.num_processes / max(now - tick, 1e-9)
             logs["step_seconds"] = step_seconds
@@ -462,80 +481,58 @@ def train_loop(
             progress.set_postfix(**{k: f"{logs[k]:.4g}" for k in PROGRESS_KEYS if k in logs},
                                  img_s=f"{logs['images_per_s']:.1f}")  # fmt: skip
             accelerator.log(logs, step=state.global_step)
-            validate_and_checkpoint(
-                args, accelerator, objective, optimizer, ema, val_images, state, output_dir, epoch
-            )
+            validate_and_checkpoint(run, epoch)
             out_of_time = deadline is not None and time.monotonic() > deadline
-            if out_of_time and state.global_step < max_train_steps:
+            if out_of_time and state.global_step < run.max_train_steps:
                 state.stopped_by_time_budget = True
                 logger.warning(
                     f"--max_train_minutes {args.max_train_minutes} reached: stopping at step "
-                    f"{state.global_step} of {max_train_steps}; not reproducible by its step count."
+                    f"{state.global_step} of {run.max_train_steps}; not reproducible by its step count."
                 )
-            if state.global_step >= max_train_steps or state.stopped_by_time_budget:
+            if state.global_step >= run.max_train_steps or state.stopped_by_time_budget:
                 done = True
                 break
     progress.close()
 
 
-def validate_and_checkpoint(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    objective: SSDDObjective,
-    optimizer: Any,
-    ema: Any,
-    val_images: torch.Tensor | None,
-    state: LoopState,
-    output_dir: Path,
-    epoch: int,
-) -> None:
+def validate_and_checkpoint(run: TrainingRun, epoch: int) -> None:
     """Periodic validation (main process) and checkpoint (every process), on the evaluation weights."""
-    step = state.global_step
+    args, accelerator, step = run.args, run.accelerator, run.state.global_step
     do_validation = bool(args.validation_steps) and step % args.validation_steps == 0
     do_checkpoint = bool(args.checkpointing_steps) and step % args.checkpointing_steps == 0
     if not (do_validation or do_checkpoint):
         return
-    with schedule_free_eval(optimizer):  # on every process, so replicas stay identical
-        if do_validation and accelerator.is_main_process and val_images is not None:
-            state.last_metrics = run_validation(objective.vae, val_images, args, accelerator, step, ema)
-            objective.train()
+    with schedule_free_eval(run.optimizer):  # on every process, so replicas stay identical
+        if do_validation and accelerator.is_main_process and run.val_images is not None:
+            vae = run.objective.vae
+            run.state.last_metrics = run_validation(vae, run.val_images, args, accelerator, step, run.ema)
+            run.objective.train()
         if do_checkpoint:
-            skipped, seen = state.totals(accelerator)
+            skipped, seen = run.state.totals(accelerator)
             save_checkpoint_atomic(
                 accelerator,
-                output_dir,
+                run.output_dir,
                 step,
                 state={"skipped_images": skipped, "images_seen": seen, "epoch": epoch},
                 total_limit=args.checkpoints_total_limit,
             )
 
 
-def finish(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    objective: SSDDObjective,
-    optimizer: Any,
-    ema: Any,
-    val_images: torch.Tensor | None,
-    state: LoopState,
-    output_dir: Path,
-    repo_id: str | None,
-    base_model: str,
-    total_batch: int,
-) -> dict[str, Any]:
+def finish(run: TrainingRun) -> dict[str, Any]:
     """Save the final model (EMA weights once averaging, else the evaluation weights) with its card."""
+    args, accelerator, state = run.args, run.accelerator, run.state
     skipped_total, images_total = state.totals(accelerator)
     accelerator.wait_for_everyone()
-    set_optimizer_mode(optimizer, train=False)  # schedule-free: the averaged (evaluation) weights
-    final_vae = objective.vae
-    if ema_is_averaging(ema):
-        ema.copy_to(final_vae.parameters())
+    set_optimizer_mode(run.optimizer, train=False)  # schedule-free: the averaged (evaluation) weights
+    final_vae = run.objective.vae
+    if ema_is_averaging(run.ema):
+        run.ema.copy_to(final_vae.parameters())
     result: dict[str, Any] = {
         "global_step": state.global_step,
         "loss_history": state.loss_history,
         "skipped_images": skipped_total,
         "images_seen": images_total,
-        "output_dir": str(output_dir),
+        "output_dir": str(run.output_dir),
         "validation": state.last_metrics,
         "stopped_by_time_budget": state.stopped_by_time_budget,
     }
@@ -543,36 +540,28 @@ def finish(
         final_vae.eval()
         if args.distill:
             final_vae.register_to_config(num_inference_steps=args.multiscale_stages)
-        if val_images is not None:
+        if run.val_images is not None:
             result["validation"] = run_validation(
-                final_vae, val_images, args, accelerator, state.global_step, tag="final"
+                final_vae, run.val_images, args, accelerator, state.global_step, tag="final"
             )
-        final_vae.save_pretrained(output_dir, safe_serialization=True)
+        final_vae.save_pretrained(run.output_dir, safe_serialization=True)
         if isinstance(final_vae, SSDDAutoencoder):
-            info = card_info(args, accelerator, result, repo_id, base_model, total_batch)
-            write_model_card(
-                output_dir, {**info, "num_inference_steps": final_vae.config.num_inference_steps}
-            )
+            info = {**card_info(run, result), "num_inference_steps": final_vae.config.num_inference_steps}
+            write_model_card(run.output_dir, info)
         if args.push_to_hub:
-            push_folder_to_hub(output_dir, repo_id, token=args.hub_token, private=args.hub_private)
-            result["repo_id"] = repo_id
+            push_folder_to_hub(run.output_dir, run.repo_id, token=args.hub_token, private=args.hub_private)
+            result["repo_id"] = run.repo_id
         logger.info(
-            f"Saved {output_dir}. Skipped {skipped_total} unreadable image(s) out of "
+            f"Saved {run.output_dir}. Skipped {skipped_total} unreadable image(s) out of "
             f"{images_total + skipped_total} loaded."
         )
     accelerator.end_training()
     return result
 
 
-def card_info(
-    args: argparse.Namespace,
-    accelerator: Accelerator,
-    result: dict[str, Any],
-    repo_id: str | None,
-    base_model: str,
-    total_batch: int,
-) -> dict[str, Any]:
+def card_info(run: TrainingRun, result: dict[str, Any]) -> dict[str, Any]:
     """What the model card says about this run (see :func:`ssdd_diffusers.model_card.write_model_card`)."""
+    args = run.args
     stage = (
         "distillation"
         if args.distill
@@ -597,8 +586,8 @@ def card_info(
         "ema_start_step": args.ema_start_step,
         "random_resize_scale": args.random_resize_scale,
         "random_flip": args.random_flip,
-        "total_batch_size": total_batch,
-        "mixed_precision": accelerator.mixed_precision,
+        "total_batch_size": run.total_batch,
+        "mixed_precision": run.accelerator.mixed_precision,
         "multiscale_stages": args.multiscale_stages,
     }
     if args.distill:
@@ -606,9 +595,9 @@ def card_info(
         recipe["teacher_steps"] = args.teacher_steps
         recipe["distill_noise"] = args.distill_noise
     return {
-        "repo_id": repo_id or args.hub_model_id,
+        "repo_id": run.repo_id or args.hub_model_id,
         "stage": stage,
-        "base_model": base_model,
+        "base_model": run.base_model,
         "data": args.dataset_name
         or args.train_data_dir
         or f"scikit-image sample photos ({args.sample_photos})",
