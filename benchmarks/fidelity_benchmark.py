@@ -271,7 +271,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="64px", help="Suffix of the result files.")
     p.add_argument("--minutes", type=float, default=15.0, help="Wall-clock budget of each contender.")
     p.add_argument(
-        "--distill_fraction", type=float, default=0.2, help="Share of SSDD's budget for distillation."
+        "--distill_fraction",
+        type=float,
+        default=0.2,
+        help="Share of SSDD's budget for distillation (0: none).",
     )
     p.add_argument("--threads", type=int, default=1, help="CPU threads of each contender.")
     p.add_argument("--encoder_steps", type=int, default=1200)
@@ -279,6 +282,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--teacher_steps", type=int, default=8, help="Euler steps of the SSDD teacher.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--split",
+        default="heldout",
+        choices=["heldout", "validation"],
+        help="Evaluate on the held-out photos, or on every 4th training photo (to choose a recipe without "
+        "looking at the held-out photos).",
+    )
+    p.add_argument("--contenders", nargs="+", default=["ssdd", "kl"], choices=["ssdd", "kl"])
     p.add_argument(
         "--lpips", action="store_true", help="Train both decoders with + 0.5 LPIPS (downloads VGG16)."
     )
@@ -295,85 +306,126 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def prepare_photos(args: argparse.Namespace) -> tuple[list[Path], list[Path], Path, torch.Tensor]:
+    """(training photos, evaluation photos, folder of training copies, evaluation crops) of ``--split``:
+    the held-out photos, or (for choosing a recipe) every 4th training photo as a validation set."""
+    train_photos, eval_photos = photo_split()
+    if args.split == "validation":
+        eval_photos = train_photos[::4]
+        train_photos = [p for p in train_photos if p not in eval_photos]
+    train_dir = write_photos(train_photos, args.work_dir / f"photos-{args.split}" / "train")
+    eval_dir = write_photos(eval_photos, args.work_dir / f"photos-{args.split}" / "eval")
+    return train_photos, eval_photos, train_dir, heldout_crops(eval_dir)
+
+
+def train_encoder(args: argparse.Namespace, train_dir: Path) -> Path:
+    """The frozen encoder: a small AutoencoderKL trained jointly for ``--encoder_steps`` (reused if saved)."""
+    encoder_dir = args.work_dir / f"encoder-{args.split}"
+    if not (encoder_dir / "config.json").is_file():
+        argv = common_flags(args, train_dir, encoder_dir) + [
+            "--lpips_weight", "0", "--decoder_type", "kl", "--train_encoder",
+            "--model_config", json.dumps(ENCODER_CONFIG), "--recon_weight", "1", "--kl_weight", "1e-6",
+            "--max_train_steps", str(args.encoder_steps),
+        ]  # fmt: skip
+        result = finish_training(
+            start_training(argv, encoder_dir.with_suffix(".json"), 2), encoder_dir.with_suffix(".json")
+        )
+        print(f"encoder: {result['global_step']} steps")
+    return encoder_dir
+
+
+def train_contenders(args: argparse.Namespace, train_dir: Path, encoder_dir: Path) -> dict[str, dict]:
+    """The contenders in parallel, the same wall-clock budget and threads: SSDD (training, then
+    distillation) and the AutoencoderKL decoder. Returns the training loop's result of each run."""
+    run_dir = args.work_dir / args.name
+    ssdd_config = {k: v for k, v in CPU_PRESETS["tiny"].items() if k in DECODER_KEYS}
+    ssdd_config.update(num_inference_steps=args.teacher_steps, sample_size=RESOLUTION)
+    budget = ["--max_train_steps", "1000000", "--max_train_minutes"]
+    processes = {}
+    if "kl" in args.contenders:
+        kl_argv = common_flags(args, train_dir, run_dir / "kl") + lpips_flags(args) + [
+            "--decoder_type", "kl", "--pretrained_encoder", str(encoder_dir), "--recon_weight", "1",
+            *budget, str(args.minutes),
+        ]  # fmt: skip
+        processes["kl"] = start_training(kl_argv, run_dir / "kl.json", args.threads)
+    results = {}
+    if "ssdd" in args.contenders:
+        distill = args.distill_fraction > 0
+        ssdd_argv = common_flags(args, train_dir, run_dir / "ssdd") + lpips_flags(args) + [
+            "--pretrained_encoder", str(encoder_dir), "--decoder", "XS",
+            "--model_config", json.dumps(ssdd_config),
+            *budget, str(args.minutes * (1 - args.distill_fraction)), *args.ssdd_flags.split(),
+        ]  # fmt: skip
+        results["ssdd"] = finish_training(
+            start_training(ssdd_argv, run_dir / "ssdd.json", args.threads), run_dir / "ssdd.json"
+        )
+        if distill:
+            distill_argv = common_flags(args, train_dir, run_dir / "ssdd-1step") + lpips_flags(args) + [
+                "--teacher_model_name_or_path", str(run_dir / "ssdd"),
+                "--teacher_steps", str(args.teacher_steps), "--learning_rate", str(args.learning_rate / 4),
+                *budget, str(args.minutes * args.distill_fraction), *args.distill_flags.split(),
+            ]  # fmt: skip
+            process = start_training(distill_argv, run_dir / "distill.json", args.threads, distill=True)
+            results["distill"] = finish_training(process, run_dir / "distill.json")
+    for name, process in processes.items():
+        results[name] = finish_training(process, run_dir / f"{name}.json")
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     start = time.perf_counter()
-    work = args.work_dir
-    train_photos, heldout_photos = photo_split()
-    train_dir = write_photos(train_photos, work / "photos" / "train")
-    heldout_dir = write_photos(heldout_photos, work / "photos" / "heldout")
-    images = heldout_crops(heldout_dir)
-    print(f"{len(train_photos)} training photos, {len(heldout_photos)} held-out photos ({len(images)} crops)")
-
-    # 1. the frozen encoder
-    encoder_dir = work / "encoder"
-    if not (encoder_dir / "config.json").is_file():
-        argv = common_flags(args, train_dir, encoder_dir) + lpips_flags(args) + [
-            "--decoder_type", "kl", "--train_encoder", "--model_config", json.dumps(ENCODER_CONFIG),
-            "--recon_weight", "1", "--kl_weight", "1e-6", "--max_train_steps", str(args.encoder_steps),
-        ]  # fmt: skip
-        encoder_run = finish_training(start_training(argv, work / "encoder.json", 2), work / "encoder.json")
-        print(f"encoder: {encoder_run['global_step']} steps")
-
-    # 2. the contenders, in parallel, the same budget
-    ssdd_config = {k: v for k, v in CPU_PRESETS["tiny"].items() if k in DECODER_KEYS}
-    ssdd_config.update(num_inference_steps=args.teacher_steps, sample_size=RESOLUTION)
-    train_minutes = args.minutes * (1 - args.distill_fraction)
-    ssdd_argv = common_flags(args, train_dir, work / "ssdd") + lpips_flags(args) + [
-        "--pretrained_encoder", str(encoder_dir), "--decoder", "XS",
-        "--model_config", json.dumps(ssdd_config),
-        "--max_train_steps", "1000000", "--max_train_minutes", str(train_minutes), *args.ssdd_flags.split(),
-    ]  # fmt: skip
-    kl_argv = common_flags(args, train_dir, work / "kl") + lpips_flags(args) + [
-        "--decoder_type", "kl", "--pretrained_encoder", str(encoder_dir), "--recon_weight", "1",
-        "--max_train_steps", "1000000", "--max_train_minutes", str(args.minutes),
-    ]  # fmt: skip
-    kl_process = start_training(kl_argv, work / "kl.json", args.threads)
-    ssdd_run = finish_training(
-        start_training(ssdd_argv, work / "ssdd.json", args.threads), work / "ssdd.json"
+    train_photos, eval_photos, train_dir, images = prepare_photos(args)
+    print(
+        f"{len(train_photos)} training photos, {len(eval_photos)} {args.split} photos ({len(images)} crops)"
     )
-    distill_argv = common_flags(args, train_dir, work / "ssdd-1step") + lpips_flags(args) + [
-        "--teacher_model_name_or_path", str(work / "ssdd"), "--teacher_steps", str(args.teacher_steps),
-        "--learning_rate", str(args.learning_rate / 4), "--max_train_steps", "1000000",
-        "--max_train_minutes", str(args.minutes * args.distill_fraction), *args.distill_flags.split(),
-    ]  # fmt: skip
-    distill_run = finish_training(
-        start_training(distill_argv, work / "distill.json", args.threads, distill=True), work / "distill.json"
-    )
-    kl_run = finish_training(kl_process, work / "kl.json")
+    encoder_dir = train_encoder(args, train_dir)
+    results = train_contenders(args, train_dir, encoder_dir)
 
-    # 3. evaluation
     from diffusers import AutoencoderKL
 
     torch.set_num_threads(2)
-    teacher = SSDDAutoencoder.from_pretrained(work / "ssdd").eval()
-    student = SSDDAutoencoder.from_pretrained(work / "ssdd-1step").eval()
-    kl = AutoencoderKL.from_pretrained(work / "kl").eval()
+    run_dir = args.work_dir / args.name
+    contenders: list[LoadedAutoencoder] = []
+    sensitivity: dict[str, float] = {}
+    runs: dict[str, dict[str, float]] = {}
+    params: dict[str, float] = {}
+    if "kl" in results:
+        kl = AutoencoderKL.from_pretrained(run_dir / "kl").eval()
+        contenders.append(LoadedAutoencoder.from_model(kl, "AutoencoderKL decoder (L1)"))
+        sensitivity[contenders[-1].label] = 0.0
+        runs[contenders[-1].label] = {
+            "steps": results["kl"]["global_step"],
+            "s_per_step": step_seconds(results["kl"]),
+        }
+        params["kl"] = sum(p.numel() for m in (kl.decoder, kl.post_quant_conv) for p in m.parameters()) / 1e6
+    if "ssdd" in results:
+        teacher = SSDDAutoencoder.from_pretrained(run_dir / "ssdd").eval()
+        decodes = [
+            (teacher, f"SSDD teacher, {args.teacher_steps} steps", args.teacher_steps),
+            (teacher, "SSDD teacher, 1 step" + (" (before distillation)" if "distill" in results else ""), 1),
+        ]
+        if "distill" in results:
+            decodes.append(
+                (SSDDAutoencoder.from_pretrained(run_dir / "ssdd-1step").eval(), "SSDD distilled, 1 step", 1)
+            )
+        for model, label, steps in decodes:
+            contenders.append(LoadedAutoencoder.from_model(model, label, steps))
+            sensitivity[label] = seed_sensitivity(model, images, steps)
+        runs["SSDD training"] = {
+            "steps": results["ssdd"]["global_step"],
+            "s_per_step": step_seconds(results["ssdd"]),
+        }
+        if "distill" in results:
+            run = results["distill"]
+            runs["SSDD distillation"] = {"steps": run["global_step"], "s_per_step": step_seconds(run)}
+        params["ssdd"] = sum(p.numel() for p in teacher.decoder.parameters()) / 1e6
     settings, metric_notes = metric_settings()
-    contenders = [
-        LoadedAutoencoder.from_model(kl, "AutoencoderKL decoder (L1)"),
-        LoadedAutoencoder.from_model(
-            teacher, f"SSDD teacher, {args.teacher_steps} steps", args.teacher_steps
-        ),
-        LoadedAutoencoder.from_model(teacher, "SSDD teacher, 1 step (before distillation)", 1),
-        LoadedAutoencoder.from_model(student, "SSDD distilled, 1 step", 1),
-    ]
     report = evaluate_models(
         contenders, images, batch_size=16, device="cpu", seed=args.seed, metrics=settings, grid_images=12,
         warmup_batches=0, progress=False,
-        settings={"data": f"{len(heldout_photos)} held-out photos, 4 crops each", "resolution": RESOLUTION},
+        settings={"data": f"{len(eval_photos)} {args.split} photos, 4 crops each", "resolution": RESOLUTION},
     )  # fmt: skip
-    sensitivity = {
-        contenders[1].label: seed_sensitivity(teacher, images, args.teacher_steps),
-        contenders[2].label: seed_sensitivity(teacher, images, 1),
-        contenders[3].label: seed_sensitivity(student, images, 1),
-        contenders[0].label: 0.0,
-    }
-    runs = {
-        contenders[0].label: {"steps": kl_run["global_step"], "s_per_step": step_seconds(kl_run)},
-        "SSDD training": {"steps": ssdd_run["global_step"], "s_per_step": step_seconds(ssdd_run)},
-        "SSDD distillation": {"steps": distill_run["global_step"], "s_per_step": step_seconds(distill_run)},
-    }
     summary = {
         "report": report.to_dict(),
         "seed_sensitivity": sensitivity,
@@ -382,14 +434,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "encoder_config": ENCODER_CONFIG,
-            "decoder_params_m": {
-                "ssdd": round(sum(p.numel() for p in teacher.decoder.parameters()) / 1e6, 3),
-                "kl": round(
-                    sum(p.numel() for m in (kl.decoder, kl.post_quant_conv) for p in m.parameters()) / 1e6, 3
-                ),
-            },
+            "decoder_params_m": {k: round(v, 3) for k, v in params.items()},
             "train_photos": [p.name for p in train_photos],
-            "heldout_photos": [p.name for p in heldout_photos],
+            "eval_photos": [p.name for p in eval_photos],
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
@@ -422,7 +469,7 @@ def to_markdown(report: Any, summary: dict[str, Any]) -> str:
         f"- Budget {settings['minutes']} min per contender at {settings['threads']} thread(s), in parallel; "
         f"SSDD flags `{settings['ssdd_flags']}`, distillation `{settings['distill_flags']}` "
         f"({settings['distill_fraction']:.0%} of the budget); decoder parameters (M) "
-        f"{settings['decoder_params_m']}."
+        f"{settings['decoder_params_m']}; evaluated on the {settings['split']} split."
     )
     return "\n".join(lines) + "\n"
 

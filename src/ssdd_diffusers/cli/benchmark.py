@@ -55,6 +55,12 @@ from .contenders import (
     parse_ssdd,
 )
 
+MEMORY_METHODS = {
+    "cuda_peak_allocated": "torch.cuda.max_memory_allocated - allocated before one decode",
+    "cpu_peak_rss_delta": "peak RSS delta of one decode in a fresh child process (VmHWM - VmRSS before)",
+}
+"""How peak memory is measured, by :class:`~ssdd_diffusers.evaluation.memory.PeakMemoryMeter` kind."""
+
 __all__ = [
     "SD_VAE_CONFIG",
     "SLOW_CONTENDERS",
@@ -106,10 +112,7 @@ def measure_memory_here(
         meter.start()
         run()
         meter.stop()
-    method = {
-        "cuda_peak_allocated": "torch.cuda.max_memory_allocated - allocated before",
-        "cpu_peak_rss_delta": "VmHWM - VmRSS before (fresh child process)",
-    }.get(meter.kind, "not measured")
+    method = MEMORY_METHODS.get(meter.kind, "not measured")
     peak = meter.peak_mb
     return {
         "peak_mib": None if peak is None else round(peak, 1),
@@ -324,11 +327,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "timing": "median wall time of decode(z).sample under torch.no_grad, contenders interleaved",
-        "memory_method": (
-            "torch.cuda.max_memory_allocated - allocated before one decode"
-            if device.type == "cuda"
-            else "peak RSS delta of one decode in a fresh child process (VmHWM - VmRSS before)"
-        ),
+        "memory_method": MEMORY_METHODS[
+            "cuda_peak_allocated" if device.type == "cuda" else "cpu_peak_rss_delta"
+        ],
     }
     try:
         import diffusers
@@ -356,9 +357,9 @@ def memory_report(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "device": args.device,
         "dtype": args.dtype,
-        "memory_method": "peak RSS delta of one decode in a fresh child process (VmHWM - VmRSS before)"
-        if args.device == "cpu"
-        else "torch.cuda.max_memory_allocated - allocated before one decode",
+        "memory_method": MEMORY_METHODS[
+            "cpu_peak_rss_delta" if args.device == "cpu" else "cuda_peak_allocated"
+        ],
     }
     return {"meta": meta, "results": rows}
 
