@@ -22,6 +22,13 @@ Writes ``fidelity_<name>.json`` / ``.md`` / ``_grid.png`` into ``--results_dir``
 cores::
 
     python benchmarks/fidelity_benchmark.py --work_dir /tmp/fidelity --name 64px
+
+Recipes are compared on a validation split of the training photos (``--split validation``: every 4th
+training photo is held out instead), never on the held-out photos, e.g. one SSDD recipe without the
+baseline or distillation::
+
+    python benchmarks/fidelity_benchmark.py --split validation --contenders ssdd --distill_fraction 0 \
+        --minutes 8 --ssdd_flags="--prediction_type edm" --name val_edm
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ DECODER_KEYS = (
     "decoder_transformer_layers",
     "decoder_attention_heads",
     "decoder_attention_window",
+    "decoder_norm_groups",
 )
 
 
@@ -299,6 +307,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Decoder-recipe flags of the SSDD run (the ablations change these).",
     )
     p.add_argument(
+        "--decoder_config",
+        default="{}",
+        help="JSON of SSDD decoder config values replacing those of CPU_PRESETS['tiny'].",
+    )
+    p.add_argument(
         "--distill_flags",
         default="--distill_noise independent --recon_weight 1",
         help="Flags of the SSDD distillation run.",
@@ -339,7 +352,9 @@ def train_contenders(args: argparse.Namespace, train_dir: Path, encoder_dir: Pat
     distillation) and the AutoencoderKL decoder. Returns the training loop's result of each run."""
     run_dir = args.work_dir / args.name
     ssdd_config = {k: v for k, v in CPU_PRESETS["tiny"].items() if k in DECODER_KEYS}
-    ssdd_config.update(num_inference_steps=args.teacher_steps, sample_size=RESOLUTION)
+    ssdd_config.update(
+        json.loads(args.decoder_config), num_inference_steps=args.teacher_steps, sample_size=RESOLUTION
+    )
     budget = ["--max_train_steps", "1000000", "--max_train_minutes"]
     processes = {}
     if "kl" in args.contenders:

@@ -123,3 +123,42 @@ def test_compiled_decoder_matches_eager_with_aten_group_norm() -> None:
         compiled = torch.compile(decoder, backend="aot_eager", dynamic=False)
         got = compiled(x, torch.tensor([0.5]), z)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_groups_reach_every_group_norm_and_survive_save_and_reload(tmp_path) -> None:
+    """``decoder_norm_groups`` sets every decoder GroupNorm (plain and context-modulated), round-trips
+    through the config, and changes the function (the default of 32 stays upstream's)."""
+    from helpers.configs import tiny_config
+
+    from ssdd_diffusers import SSDDAutoencoder
+
+    def decoder_groups(model: SSDDAutoencoder) -> set[int]:
+        return {m.num_groups for m in model.decoder.modules() if isinstance(m, nn.GroupNorm)}
+
+    assert decoder_groups(SSDDAutoencoder(**tiny_config())) == {32}
+    torch.manual_seed(0)
+    model = SSDDAutoencoder(**tiny_config(decoder_norm_groups=8)).eval()
+    assert decoder_groups(model) == {8}
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.decoder.modules()) >= 10
+
+    model.save_pretrained(tmp_path)
+    reloaded = SSDDAutoencoder.from_pretrained(tmp_path).eval()
+    assert reloaded.config.decoder_norm_groups == 8 and decoder_groups(reloaded) == {8}
+    z = torch.randn(1, 4, 8, 8)
+    x_t, t = torch.randn(1, 3, 32, 32), torch.tensor([0.7])
+    with torch.no_grad():
+        for p in model.decoder.parameters():  # make the zero-initialised branches matter
+            p.add_(0.05 * torch.randn_like(p))
+        expected = model.decoder(x_t, t, z)
+        reloaded.load_state_dict(model.state_dict())
+        torch.testing.assert_close(reloaded.decoder(x_t, t, z), expected)
+        upstream_groups = SSDDAutoencoder(**tiny_config()).eval()
+        upstream_groups.load_state_dict(model.state_dict())
+        assert (upstream_groups.decoder(x_t, t, z) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("groups", [0, 3, 64])
+def test_norm_groups_must_divide_every_width(groups: int) -> None:
+    message = f"positive divisor of every decoder width; got norm_groups={groups} "
+    with pytest.raises(ValueError, match=message):
+        UViTDecoder(**{**FOUR_LEVEL_DECODER_CONFIG, "norm_groups": groups})

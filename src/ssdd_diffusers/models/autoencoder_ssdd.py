@@ -67,7 +67,7 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         layers_per_block: encoder ResNet blocks per level.
         double_z: encoder predicts mean and log-variance (True in every SSDD release).
         norm_num_groups: GroupNorm groups of the encoder.
-        decoder_block_out_channels: decoder width per level (multiples of 32).
+        decoder_block_out_channels: decoder width per level (multiples of decoder_norm_groups).
         decoder_layers_per_block: decoder ResNet blocks per down level.
         decoder_transformer_layers / decoder_attention_heads / decoder_attention_window: middle
             transformer depth, heads and local-attention window w (offsets within +-(w-1) tokens).
@@ -85,6 +85,8 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             network is preconditioned so that its one-step output is a clean-image estimate that does not
             carry the starting noise (see ``UViTDecoder``).
         sigma_data: data standard deviation of the ``"edm"`` preconditioning.
+        decoder_norm_groups: groups of the decoder's GroupNorms (upstream: 32); narrow decoders (32-channel
+            levels) learn much better with fewer (see ``UViTDecoder``).
     """
 
     _supports_gradient_checkpointing = True
@@ -118,6 +120,7 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
         multiscale_steps: tuple[int, ...] | None = None,
         prediction_type: str = "velocity",
         sigma_data: float = 0.5,
+        decoder_norm_groups: int = 32,
     ):
         super().__init__()
         if num_inference_steps < 1:
@@ -146,6 +149,7 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             out_channels=out_channels,
             prediction_type=prediction_type,
             sigma_data=sigma_data,
+            norm_groups=decoder_norm_groups,
         )
         self.use_slicing = False
         self.use_tiling = False
