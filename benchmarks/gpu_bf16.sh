@@ -6,7 +6,9 @@
 #   3. eager, like against like: SSDD S/B/M one step (NCHW PyTorch, channels_last PyTorch, channels_last +
 #      Triton norm kernels) against AutoencoderKL (SD-VAE config), AutoencoderTiny (TAESD) and
 #      AutoencoderDC (f32c32), at 256 px batch 64 and 1024 px batch 4, with peak memory;
-#   4. compiled, like against like (torch.compile of every decoder), at both sizes;
+#   4. compiled, like against like (torch.compile of every decoder), at both sizes, and CUDA graphs for
+#      small batches (mode="reduce-overhead", 256 px batch 4; the decoder's caches are bypassed when
+#      compiled, so the captured graph holds no Python-side state);
 #   5. a CUDA kernel profile of the fastest SSDD-S path found in 3-4.
 # Every step has its own timeout, so one failure does not lose the others. Results land in $OUT (default
 # benchmarks/results):
@@ -97,6 +99,10 @@ for size in "${SIZES[@]}"; do
   timeout 600 "$PYTHON" benchmarks/decode_benchmark.py "${common[@]}" --compile --contenders "${COMPILED[@]}" kl tiny dc \
     --json "$OUT/decode_gpu_bf16_compiled_${res}.json" --markdown "$OUT/decode_gpu_bf16_compiled_${res}.md"
 done
+small=(--device "$DEVICE" --dtype bf16 --resolutions "${SIZES[0]%%:*}" --batch-sizes 4 "${TIMING[@]}")
+timeout 300 "$PYTHON" benchmarks/decode_benchmark.py "${small[@]}" --compile --compile-mode reduce-overhead \
+  --contenders "${COMPILED[0]}" kl --json "$OUT/decode_gpu_bf16_cudagraphs_b4.json" \
+  --markdown "$OUT/decode_gpu_bf16_cudagraphs_b4.md"
 
 timeout 240 "$PYTHON" - <<'PY' > "$OUT/gpu_profile_ssdd_S_fastest_bf16.txt"
 # Profile whichever SSDD-S variant was fastest at 256 px (eager or compiled).
