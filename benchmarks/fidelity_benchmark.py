@@ -18,7 +18,7 @@
    reported as FD*). Also the seed sensitivity of the one-step output (standard deviation of the
    difference of two decodes with different noise), seconds per step and a reconstruction grid.
 
-Writes ``fidelity_<name>.json`` / ``.md`` / ``_grid.png`` into ``--results_dir``; about 25 minutes on 2
+Writes ``fidelity_<name>.json`` / ``.md`` / ``_grid.png`` into ``--results_dir``; about 28 minutes on 2
 cores::
 
     python benchmarks/fidelity_benchmark.py --work_dir /tmp/fidelity --name 64px
@@ -181,6 +181,8 @@ def common_flags(args: argparse.Namespace, train_dir: Path, output_dir: Path) ->
 
 
 def lpips_flags(args: argparse.Namespace) -> list[str]:
+    if args.perceptual_loss:
+        return ["--lpips_weight", "0.5", "--lpips_net", args.perceptual_loss]
     return ["--lpips_weight", "0.5"] if args.lpips else ["--lpips_weight", "0"]
 
 
@@ -229,24 +231,30 @@ def metric_settings() -> tuple[MetricSettings, dict[str, str]]:
 
 
 class STLPIPS(torch.nn.Module):
-    """ST-LPIPS (shift-tolerant LPIPS, VGG trunk trained from scratch on BAPPS) from stlpips-pytorch, whose
-    weights ship in the package. (B, 3, H, W) x2 in [-1, 1] -> (B,). A stand-in, not LPIPS."""
+    """ST-LPIPS (shift-tolerant LPIPS, trunk trained from scratch on BAPPS) from stlpips-pytorch, whose
+    weights ship in the package. (B, 3, H, W) x2 in [-1, 1] -> (B,). A stand-in, not LPIPS. The VGG trunk
+    is the LPIPS* metric; the AlexNet trunk (:func:`stlpips_alex`) the offline perceptual training loss."""
 
-    def __init__(self) -> None:
+    def __init__(self, net: str = "vgg") -> None:
         super().__init__()
         import types
 
         for name, attribute in (("IPython", "embed"), ("torchsummary", "summary")):  # imported, never used
-            if importlib.util.find_spec(name) is None:
+            if name not in sys.modules and importlib.util.find_spec(name) is None:
                 module = types.ModuleType(name)
                 setattr(module, attribute, lambda *a, **k: None)
                 sys.modules[name] = module
         from stlpips_pytorch import stlpips
 
-        self.net = stlpips.LPIPS(net="vgg", variant="shift_tolerant", verbose=False)
+        self.net = stlpips.LPIPS(net=net, variant="shift_tolerant", verbose=False)
 
     def forward(self, reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
         return self.net(reference, reconstruction, normalize=False).reshape(reference.shape[0])
+
+
+def stlpips_alex() -> STLPIPS:
+    """The perceptual training loss of ``--perceptual_loss fidelity_benchmark:stlpips_alex``."""
+    return STLPIPS(net="alex")
 
 
 class MobileNetFeatures(torch.nn.Module):
@@ -300,6 +308,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contenders", nargs="+", default=["ssdd", "kl"], choices=["ssdd", "kl"])
     p.add_argument(
         "--lpips", action="store_true", help="Train both decoders with + 0.5 LPIPS (downloads VGG16)."
+    )
+    p.add_argument(
+        "--perceptual_loss",
+        default=None,
+        help="Train both decoders with + 0.5 of this perceptual distance instead ('package.module:factory'; "
+        "offline: 'fidelity_benchmark:stlpips_alex', ST-LPIPS with an AlexNet trunk, while LPIPS* uses VGG).",
     )
     p.add_argument(
         "--ssdd_flags",
@@ -486,6 +500,9 @@ def to_markdown(report: Any, summary: dict[str, Any]) -> str:
         f"({settings['distill_fraction']:.0%} of the budget); decoder parameters (M) "
         f"{settings['decoder_params_m']}; evaluated on the {settings['split']} split."
     )
+    if settings.get("perceptual_loss") or settings.get("lpips"):
+        loss = settings.get("perceptual_loss") or "LPIPS (VGG)"
+        lines.append(f"- Both decoders trained with + 0.5 × `{loss}` (in distillation too).")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,5 @@
 """Options of the training objectives: time sampling with a share of t = 1, the reconstruction term, the
-student's noise in distillation, and the AutoencoderKL baseline objective."""
+student's noise in distillation, the AutoencoderKL baseline objective, and custom perceptual distances."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from helpers.configs import perturb_, tiny_autoencoder_kl, tiny_config
 
 from ssdd_diffusers import SSDDAutoencoder
+from ssdd_diffusers.training.losses import CustomPerceptualLoss, perceptual_loss
 from ssdd_diffusers.training.objective import (
     AutoencoderKLObjective,
     LossWeights,
@@ -99,3 +100,33 @@ def test_autoencoder_kl_objective_trains_the_decoder_on_a_frozen_encoder() -> No
     assert joint.vae.encoder.conv_in.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="recon_weight"):
         AutoencoderKLObjective(tiny_autoencoder_kl(levels=2), LossWeights(**FM_ONLY))
+
+
+def test_custom_perceptual_distance_replaces_lpips() -> None:
+    """--lpips_net package.module:factory: a frozen distance in eval mode whose batch mean is the "lpips" term
+    (torch.nn.L1Loss as the distance: the term equals the L1 between x̂0 and the images)."""
+    loss = perceptual_loss("torch.nn:L1Loss")
+    assert isinstance(loss, CustomPerceptualLoss) and not loss.train().training
+    a, b = images(), images().flip(0).requires_grad_()
+    value = loss(b, a)
+    value.backward()
+    torch.testing.assert_close(value, (a - b).abs().mean())
+    assert value.dtype == torch.float32 and b.grad.abs().sum() > 0
+
+    torch.manual_seed(0)
+    vae = perturb_(SSDDAutoencoder(**tiny_config(prediction_type="edm")))
+    objective = SSDDObjective(vae, LossWeights(**{**FM_ONLY, "lpips": 0.5}), lpips_net="torch.nn:L1Loss")
+    out = objective(images(), torch.Generator().manual_seed(1))
+    assert set(out) == {"loss", "fm", "lpips"} and out["lpips"] > 0
+    torch.testing.assert_close(out["loss"], out["fm"] + 0.5 * out["lpips"])
+    assert all(p.requires_grad for p in objective.trainable_parameters())
+    assert not any(p is q for p in objective.trainable_parameters() for q in objective.lpips.parameters())
+
+
+def test_invalid_perceptual_distances_are_rejected() -> None:
+    with pytest.raises(ValueError, match="package.module:factory"):
+        perceptual_loss("resnet")
+    with pytest.raises(TypeError, match="did not give an nn.Module"):
+        perceptual_loss("math:pi")
+    with pytest.raises(AttributeError):
+        perceptual_loss("torch.nn:NoSuchDistance")

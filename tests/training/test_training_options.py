@@ -139,3 +139,19 @@ def test_scripts_run_as_files(script: str) -> None:
     assert "--decoder_type" in result.stdout and "--one_step_fraction" in result.stdout
     description = "Single-step distillation" if script == "distill_ssdd.py" else "Train an SSDD autoencoder"
     assert description in result.stdout
+
+
+def test_custom_perceptual_distance_flag(images: Path, tmp_path: Path) -> None:
+    """--lpips_net package.module:factory reaches the objective (here the KL baseline) and the results;
+    anything else that is not an lpips trunk is refused before training."""
+    tiny_autoencoder_kl(levels=2, seed=5).save_pretrained(tmp_path / "encoder")
+    result = run(["--train_data_dir", str(images), "--output_dir", str(tmp_path / "kl"), *COMMON,
+                  "--decoder_type", "kl", "--pretrained_encoder", str(tmp_path / "encoder"),
+                  "--recon_weight", "1", "--lpips_weight", "0.5", "--lpips_net", "torch.nn:L1Loss",
+                  "--max_train_steps", "2"])  # fmt: skip
+    assert all(h["lpips"] > 0 and "recon" in h for h in result["loss_history"])
+    torch.testing.assert_close(  # the custom distance is the L1 loss here: both terms see the same pair
+        torch.tensor(result["loss_history"][0]["lpips"]), torch.tensor(result["loss_history"][0]["recon"])
+    )
+    with pytest.raises(ValueError, match="package.module:factory"):
+        parse_args(["--train_data_dir", str(images), "--lpips_net", "resnet"])

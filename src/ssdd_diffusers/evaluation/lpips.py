@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 LPIPSBackbone = Literal["pretrained", "random"]
 
+#: The trunks of the lpips package.
+LPIPS_NETS = ("vgg", "alex", "squeeze")
+
 #: eps of the patched ``lpips.normalize_tensor`` (the lpips package uses 1e-10).
 LPIPS_NORMALIZE_EPS = 1e-8
 

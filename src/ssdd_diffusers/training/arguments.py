@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 
+from ..evaluation.lpips import LPIPS_NETS
 from .optim import OPTIMIZERS
 
 DEFAULT_LR = 8e-4
@@ -160,7 +161,14 @@ def build_parser(distill: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--lpips_weight", type=float, default=0.5)
     g.add_argument("--repa_weight", type=float, default=0.25)
     g.add_argument("--kl_weight", type=float, default=1e-6, help="Only used with --train_encoder.")
-    g.add_argument("--lpips_net", type=str, default="vgg", choices=["vgg", "alex", "squeeze"])
+    g.add_argument(
+        "--lpips_net",
+        type=str,
+        default="vgg",
+        help="LPIPS trunk: vgg, alex or squeeze; or a custom perceptual distance 'package.module:factory' "
+        "(a module mapping two (B, 3, H, W) images in [-1, 1] to per-image distances), e.g. where the "
+        "LPIPS weights cannot be downloaded.",
+    )
     g.add_argument(
         "--lpips_backbone",
         type=str,
@@ -304,6 +312,10 @@ def parse_args(input_args: list[str] | None = None, distill: bool = False) -> ar
         )
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_DISTILL_LR if args.distill else DEFAULT_LR
+    if args.lpips_net not in LPIPS_NETS and ":" not in args.lpips_net:
+        raise ValueError(
+            f"--lpips_net must be one of {LPIPS_NETS} or 'package.module:factory'; got {args.lpips_net!r}."
+        )
     if args.lpips_backbone == "random":
         logging.getLogger(__name__).warning(
             "!!! --lpips_backbone random: LPIPS uses a RANDOM backbone. The perceptual loss is meaningless; "

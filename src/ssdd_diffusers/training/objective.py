@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..multiscale import MultiScaleLayout, MultiScaleNoise
-from .losses import LPIPSLoss, REPALoss, flow_matching_loss, kl_loss, repa_block_index
+from .losses import REPALoss, flow_matching_loss, kl_loss, perceptual_loss, repa_block_index
 from .multiscale import StageBatch, multiscale_distillation_loss, multiscale_flow_matching_loss
 
 
@@ -179,7 +179,9 @@ class SSDDObjective(AutoencoderObjective):
         vae: the ``SSDDAutoencoder`` being trained.
         weights: loss weights; 0 disables a term and skips building its module.
         train_encoder: train encoder + quant_conv (adds the KL term); otherwise they are frozen.
-        lpips_net / lpips_backbone: LPIPS trunk and ``"pretrained"`` (real) or ``"random"`` (tests only).
+        lpips_net / lpips_backbone: LPIPS trunk (or a custom distance, ``package.module:factory``, see
+            :func:`~ssdd_diffusers.training.losses.perceptual_loss`) and ``"pretrained"`` (real) or
+            ``"random"`` (tests only).
         repa_model: DINOv2 name or folder for REPA.
         repa_block: middle-transformer block whose output REPA aligns (default ``min(4, L // 2)``).
         logit_normal_mean / logit_normal_std: the time distribution ``t = sigmoid(N(mean, std²))``.
@@ -232,7 +234,7 @@ class SSDDObjective(AutoencoderObjective):
         self.distill_noise = distill_noise
         set_encoder_trainable(vae, train_encoder)
 
-        self.lpips = LPIPSLoss(net=lpips_net, backbone=lpips_backbone) if self.weights.lpips > 0 else None
+        self.lpips = perceptual_loss(lpips_net, lpips_backbone) if self.weights.lpips > 0 else None
         self.repa: REPALoss | None = None
         self._capture: BlockOutputCapture | None = None
         if self.weights.repa > 0:
@@ -458,7 +460,7 @@ class AutoencoderKLObjective(AutoencoderObjective):
         self.train_encoder = train_encoder
         self.recon_loss = recon_loss
         set_encoder_trainable(vae, train_encoder)
-        self.lpips = LPIPSLoss(net=lpips_net, backbone=lpips_backbone) if self.weights.lpips > 0 else None
+        self.lpips = perceptual_loss(lpips_net, lpips_backbone) if self.weights.lpips > 0 else None
 
     def forward(
         self, images: Tensor, generator: torch.Generator | None = None, *, loss_scale: float = 1.0
