@@ -8,7 +8,7 @@ import torch
 from helpers.configs import perturb_, tiny_autoencoder_kl, tiny_config
 
 from ssdd_diffusers import SSDDAutoencoder
-from ssdd_diffusers.training.losses import CustomPerceptualLoss, perceptual_loss
+from ssdd_diffusers.training.losses import LPIPSLoss, perceptual_loss
 from ssdd_diffusers.training.objective import (
     AutoencoderKLObjective,
     LossWeights,
@@ -106,7 +106,7 @@ def test_custom_perceptual_distance_replaces_lpips() -> None:
     """--lpips_net package.module:factory: a frozen distance in eval mode whose batch mean is the "lpips" term
     (torch.nn.L1Loss as the distance: the term equals the L1 between x̂0 and the images)."""
     loss = perceptual_loss("torch.nn:L1Loss")
-    assert isinstance(loss, CustomPerceptualLoss) and not loss.train().training
+    assert isinstance(loss, LPIPSLoss) and not loss.is_lpips and not loss.train().training
     a, b = images(), images().flip(0).requires_grad_()
     value = loss(b, a)
     value.backward()

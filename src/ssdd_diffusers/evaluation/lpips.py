@@ -23,6 +23,17 @@ LPIPSBackbone = Literal["pretrained", "random"]
 #: The trunks of the lpips package.
 LPIPS_NETS = ("vgg", "alex", "squeeze")
 
+
+def is_custom_distance(net: str) -> bool:
+    """Whether ``net`` names a custom distance network (``package.module:factory``), not an lpips trunk;
+    raises ``ValueError`` when it is neither."""
+    if net in LPIPS_NETS:
+        return False
+    if ":" in net:
+        return True
+    raise ValueError(f"lpips_net must be one of {LPIPS_NETS} or 'package.module:factory'; got {net!r}.")
+
+
 #: eps of the patched ``lpips.normalize_tensor`` (the lpips package uses 1e-10).
 LPIPS_NORMALIZE_EPS = 1e-8
 
@@ -96,28 +107,48 @@ def build_lpips_network(net: Literal["vgg", "alex", "squeeze"], backbone: LPIPSB
 
 
 class LPIPSDistance(nn.Module):
-    """Frozen LPIPS perceptual distance (default VGG, as in SSDD training), always in eval mode.
+    """Frozen perceptual distance, always in eval mode: LPIPS (default VGG, as in SSDD training) or a
+    custom distance network.
 
     Computed in float32 with autocast disabled. Gradients flow to the inputs, never to the network.
 
     Args:
         net: lpips trunk, ``"vgg"`` for the training loss, ``"alex"`` for the evaluation metric.
         backbone: ``"pretrained"`` (ImageNet trunk via torchvision) or ``"random"`` (tests only).
+        network: instead of LPIPS, a module mapping two (B, 3, H, W) batches in [-1, 1] to per-image
+            distances (B,), e.g. an offline stand-in whose weights are at hand (``net`` and ``backbone``
+            are then unused). One returning a scalar serves :meth:`forward` only.
     """
 
     def __init__(
-        self, net: Literal["vgg", "alex", "squeeze"] = "vgg", backbone: LPIPSBackbone = "pretrained"
+        self,
+        net: Literal["vgg", "alex", "squeeze"] = "vgg",
+        backbone: LPIPSBackbone = "pretrained",
+        network: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.net = build_lpips_network(net, backbone)
+        self.is_lpips = network is None
+        self.net = build_lpips_network(net, backbone) if network is None else network.requires_grad_(False)
+        self.net.eval()
 
     def train(self, mode: bool = True) -> LPIPSDistance:
         """Ignore ``mode``: the network stays in eval mode (lpips has dropout layers)."""
         return super().train(False)
 
+    def _distances(self, input: Tensor, target: Tensor) -> Tensor:
+        if input.shape != target.shape or input.dim() != 4 or input.shape[1] != 3:
+            raise ValueError(
+                f"expected two (B, 3, H, W) tensors, got {tuple(input.shape)} and {tuple(target.shape)}"
+            )
+        keep_float32(self.net)
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            if self.is_lpips:
+                return self.net(input.float(), target.float(), normalize=False)
+            return self.net(input.float(), target.float()).float()
+
     def distance(self, input: Tensor, target: Tensor) -> Tensor:
-        """Per-image LPIPS distance.
+        """Per-image distance.
 
         Args:
             input: (B, 3, H, W) in [-1, 1].
@@ -126,15 +157,8 @@ class LPIPSDistance(nn.Module):
         Returns:
             (B,) float32 distances.
         """
-        if input.shape != target.shape or input.dim() != 4 or input.shape[1] != 3:
-            raise ValueError(
-                f"expected two (B, 3, H, W) tensors, got {tuple(input.shape)} and {tuple(target.shape)}"
-            )
-        keep_float32(self.net)
-        with torch.autocast(device_type=input.device.type, enabled=False):
-            dist = self.net(input.float(), target.float(), normalize=False)
-        return dist.reshape(input.shape[0])
+        return self._distances(input, target).reshape(input.shape[0])
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """Batch-mean LPIPS distance: (B, 3, H, W) x2 in [-1, 1] -> float32 scalar."""
-        return self.distance(input, target).mean()
+        """Batch-mean distance: (B, 3, H, W) x2 in [-1, 1] -> float32 scalar."""
+        return self._distances(input, target).mean()

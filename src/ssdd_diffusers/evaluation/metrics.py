@@ -100,10 +100,7 @@ class LPIPSMetric(nn.Module):
 
     def __init__(self, backbone: LPIPSBackbone = "pretrained", distance: nn.Module | None = None) -> None:
         super().__init__()
-        if distance is None:
-            self.lpips = LPIPSDistance(net="alex", backbone=backbone)
-        else:
-            self.lpips = distance.requires_grad_(False).eval()
+        self.lpips = LPIPSDistance(net="alex", backbone=backbone, network=distance)
 
     def train(self, mode: bool = True) -> LPIPSMetric:
         """Ignore ``mode``: always eval."""
@@ -115,9 +112,7 @@ class LPIPSMetric(nn.Module):
         _check_uint8_pair(reference, reconstruction)
         ref = reference.float() / 127.5 - 1.0
         rec = reconstruction.float() / 127.5 - 1.0
-        if isinstance(self.lpips, LPIPSDistance):
-            return self.lpips.distance(ref, rec)
-        return self.lpips(ref, rec).float().reshape(ref.shape[0])
+        return self.lpips.distance(ref, rec)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,9 +358,9 @@ def load_object(reference: str) -> Any:
     return obj
 
 
-def load_feature_extractor(reference: str) -> nn.Module:
-    """A custom FID feature extractor from ``package.module:factory`` (a module instance, an ``nn.Module``
-    subclass or a zero-argument callable returning one)."""
+def load_module(reference: str, role: str = "module") -> nn.Module:
+    """An ``nn.Module`` from ``package.module:factory``: a module instance, an ``nn.Module`` subclass or a
+    zero-argument callable returning one. ``role`` names it in the error."""
     obj = load_object(reference)
     if isinstance(obj, nn.Module):
         return obj
@@ -373,7 +368,12 @@ def load_feature_extractor(reference: str) -> nn.Module:
         built = obj()
         if isinstance(built, nn.Module):
             return built
-    raise TypeError(f"{reference!r} did not give an nn.Module feature extractor")
+    raise TypeError(f"{reference!r} did not give an nn.Module {role}")
+
+
+def load_feature_extractor(reference: str) -> nn.Module:
+    """A custom FID feature extractor from ``package.module:factory`` (see :func:`load_module`)."""
+    return load_module(reference, "feature extractor")
 
 
 __all__ = [
@@ -384,6 +384,7 @@ __all__ = [
     "ReconstructionMetrics",
     "build_metrics",
     "load_feature_extractor",
+    "load_module",
     "load_object",
     "psnr",
     "ssim",

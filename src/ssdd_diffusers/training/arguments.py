@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 
-from ..evaluation.lpips import LPIPS_NETS
+from ..evaluation.lpips import is_custom_distance
 from .optim import OPTIMIZERS
 
 DEFAULT_LR = 8e-4
@@ -312,10 +312,7 @@ def parse_args(input_args: list[str] | None = None, distill: bool = False) -> ar
         )
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_DISTILL_LR if args.distill else DEFAULT_LR
-    if args.lpips_net not in LPIPS_NETS and ":" not in args.lpips_net:
-        raise ValueError(
-            f"--lpips_net must be one of {LPIPS_NETS} or 'package.module:factory'; got {args.lpips_net!r}."
-        )
+    is_custom_distance(args.lpips_net)  # an early error for a name that is neither a trunk nor a factory
     if args.lpips_backbone == "random":
         logging.getLogger(__name__).warning(
             "!!! --lpips_backbone random: LPIPS uses a RANDOM backbone. The perceptual loss is meaningless; "

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dependencies import require
-from ..evaluation.lpips import LPIPS_NETS, LPIPSDistance
-from ..evaluation.metrics import load_object
+from ..evaluation.lpips import LPIPSDistance, is_custom_distance
+from ..evaluation.metrics import load_module
 from ..torch_utils import keep_float32
 
 if TYPE_CHECKING:
@@ -28,46 +28,14 @@ LPIPSLoss = LPIPSDistance
 whose ``forward`` is the batch mean."""
 
 
-class CustomPerceptualLoss(nn.Module):
-    """A perceptual distance from ``package.module:factory`` in place of LPIPS, frozen, float32, eval mode.
-
-    The factory (an ``nn.Module`` subclass or a zero-argument callable) builds a module mapping two
-    (B, 3, H, W) images in [-1, 1] to per-image distances (B,) or a scalar. For networks whose weights
-    are at hand when LPIPS's are not (offline machines) or for research; ``forward`` is the batch mean.
-    """
-
-    def __init__(self, reference: str) -> None:
-        super().__init__()
-        factory = load_object(reference)
-        network = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-        if not isinstance(network, nn.Module):
-            raise TypeError(f"perceptual model {reference!r} did not give an nn.Module; got {type(network)}")
-        self.reference = reference
-        self.net = network.requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> CustomPerceptualLoss:
-        """Ignore ``mode``: the network stays in eval mode."""
-        return super().train(False)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        """(B, 3, H, W) x2 in [-1, 1] -> float32 scalar, the batch-mean distance."""
-        if input.shape != target.shape or input.dim() != 4 or input.shape[1] != 3:
-            raise ValueError(
-                f"expected two (B, 3, H, W) tensors, got {tuple(input.shape)} and {tuple(target.shape)}"
-            )
-        keep_float32(self.net)
-        with torch.autocast(device_type=input.device.type, enabled=False):
-            return self.net(input.float(), target.float()).float().mean()
-
-
-def perceptual_loss(net: str, backbone: str = "pretrained") -> nn.Module:
-    """The perceptual training loss: LPIPS with trunk ``net`` (``"vgg"``, ``"alex"``, ``"squeeze"``) or, for a
-    ``net`` of the form ``package.module:factory``, that :class:`CustomPerceptualLoss`."""
-    if net in LPIPS_NETS:
-        return LPIPSLoss(net=net, backbone=backbone)  # type: ignore[arg-type]
-    if ":" in net:
-        return CustomPerceptualLoss(net)
-    raise ValueError(f"lpips_net must be one of {LPIPS_NETS} or 'package.module:factory'; got {net!r}.")
+def perceptual_loss(net: str, backbone: str = "pretrained") -> LPIPSDistance:
+    """The perceptual training loss (``forward``: the batch mean): LPIPS with trunk ``net`` (``"vgg"``,
+    ``"alex"``, ``"squeeze"``) or, for a ``net`` of the form ``package.module:factory``, that distance
+    network (a module mapping two (B, 3, H, W) images in [-1, 1] to per-image distances), frozen and in
+    float32 like LPIPS."""
+    if is_custom_distance(net):
+        return LPIPSLoss(network=load_module(net, "perceptual distance"))
+    return LPIPSLoss(net=net, backbone=backbone)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------------
