@@ -126,14 +126,15 @@ def _lpips_original_normalize(in_feat: torch.Tensor, eps: float = 1e-10) -> torc
     return in_feat / (torch.sqrt(torch.sum(in_feat**2, dim=1, keepdim=True)) + eps)
 
 
-def test_lpips_normalize_patch_is_installed_and_keeps_forward_values() -> None:
+def test_lpips_normalize_patch_is_installed_and_keeps_forward_values(lpips_vgg: LPIPSLoss) -> None:
+    # building an LPIPS network (the fixture) installs the patch, whichever tests ran before in this process
     assert lpips.normalize_tensor.__name__ == "_normalize_tensor"  # resolved by lpips.LPIPS.forward
     feat = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
     expected = _lpips_original_normalize(feat, eps=1e-8)
     torch.testing.assert_close(lpips.normalize_tensor(feat), expected, rtol=1e-6, atol=0)
 
 
-def test_lpips_normalize_patch_gives_finite_gradient_for_zero_features() -> None:
+def test_lpips_normalize_patch_gives_finite_gradient_for_zero_features(lpips_vgg: LPIPSLoss) -> None:
     """An all-zero feature vector: lpips' sqrt backward is 0/0 = NaN; the patched version gives 0."""
     for fn, expect_nan in ((_lpips_original_normalize, True), (lpips.normalize_tensor, False)):
         feat = torch.zeros(1, 4, 2, 2, requires_grad=True)
