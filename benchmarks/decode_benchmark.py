@@ -13,41 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from ssdd_diffusers.cli.benchmark import (
-    SD_VAE_CONFIG,
-    SLOW_CONTENDERS,
-    Contender,
-    build_contender,
-    gflop_count,
-    main,
-    matmul_gflops,
-    measure_memory_here,
-    memory_in_child,
-    memory_report,
-    parse_args,
-    parse_ssdd,
-    run_benchmark,
-    timed,
-    to_markdown,
-)
-
-__all__ = [
-    "SD_VAE_CONFIG",
-    "SLOW_CONTENDERS",
-    "Contender",
-    "build_contender",
-    "gflop_count",
-    "main",
-    "matmul_gflops",
-    "measure_memory_here",
-    "memory_in_child",
-    "memory_report",
-    "parse_args",
-    "parse_ssdd",
-    "run_benchmark",
-    "timed",
-    "to_markdown",
-]
+from ssdd_diffusers.cli.benchmark import main
 
 if __name__ == "__main__":
     main()

@@ -108,7 +108,7 @@ timeout 240 "$PYTHON" - <<'PY' > "$OUT/gpu_profile_ssdd_S_fastest_bf16.txt"
 # Profile whichever SSDD-S variant was fastest at 256 px (eager or compiled).
 import json, os, torch
 from torch.profiler import ProfilerActivity, profile
-from ssdd_diffusers.cli.benchmark import build_contender
+from ssdd_diffusers.cli.contenders import build_contender
 out = os.environ.get("OUT", "benchmarks/results")
 rows = []
 size = 64 if os.environ["DEVICE"] == "cpu" else 256

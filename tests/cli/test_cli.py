@@ -30,6 +30,7 @@ from ssdd_diffusers.cli import (
     build_evaluate_parser,
     build_latent_stats_parser,
     build_parser,
+    contenders,
     latent_stats_command,
     main,
 )
@@ -273,16 +274,16 @@ def test_benchmark_memory_child_process() -> None:
 
 
 def test_benchmark_contender_names() -> None:
-    assert bench.parse_ssdd("ssdd-S-1") == ("S", 1, False, False)
-    assert bench.parse_ssdd("ssdd-b-12-tiled") == ("B", 12, True, False)
-    assert bench.parse_ssdd("ssdd-S-1-fused") == ("S", 1, False, True)
-    assert bench.parse_ssdd("ssdd-S-1-fused-tiled") == ("S", 1, True, True)
+    assert contenders.parse_ssdd("ssdd-S-1") == ("S", 1, False, False)
+    assert contenders.parse_ssdd("ssdd-b-12-tiled") == ("B", 12, True, False)
+    assert contenders.parse_ssdd("ssdd-S-1-fused") == ("S", 1, False, True)
+    assert contenders.parse_ssdd("ssdd-S-1-fused-tiled") == ("S", 1, True, True)
     for name in ("kl", "ssdd-S", "ssdd-S-x", "ssdd-S-1-big", "ssdd-S-1-tiled-tiled"):
-        assert bench.parse_ssdd(name) is None, name
-    contender = bench.build_contender("ssdd-XS-1-fused", torch.device("cpu"), torch.float32, False, None)
+        assert contenders.parse_ssdd(name) is None, name
+    contender = contenders.build_contender("ssdd-XS-1-fused", torch.device("cpu"), torch.float32, False, None)
     assert contender.model.decoder.fused_norm_kernels
-    assert bench.parse_ssdd("ssdd-S-1-cl") == ("S", 1, False, False)
-    contender = bench.build_contender("ssdd-XS-1-cl", torch.device("cpu"), torch.float32, False, None)
+    assert contenders.parse_ssdd("ssdd-S-1-cl") == ("S", 1, False, False)
+    contender = contenders.build_contender("ssdd-XS-1-cl", torch.device("cpu"), torch.float32, False, None)
     assert contender.model.decoder.channels_last is True
 
 
@@ -290,7 +291,7 @@ def test_benchmark_reference_decoders_tiny_and_dc() -> None:
     """AutoencoderTiny (TAESD, f8c4) and AutoencoderDC (f32c32) decode their own latents to 64 px images."""
     cpu = torch.device("cpu")
     for name, channels, factor in (("tiny", 4, 8), ("dc", 32, 32)):
-        contender = bench.build_contender(name, cpu, torch.float32, False, None)
+        contender = contenders.build_contender(name, cpu, torch.float32, False, None)
         z = contender.latents(2, 64, cpu, torch.float32)
         assert z.shape == (2, channels, 64 // factor, 64 // factor), name
         with torch.no_grad():

@@ -48,11 +48,9 @@ from ..torch_utils import DTYPES, synchronize
 from .contenders import (
     DEFAULT_TILE_OVERLAP,
     DEFAULT_TILE_SIZE,
-    SD_VAE_CONFIG,
     SLOW_CONTENDERS,
     Contender,
     build_contender,
-    parse_ssdd,
 )
 
 MEMORY_METHODS = {
@@ -62,10 +60,7 @@ MEMORY_METHODS = {
 """How peak memory is measured, by :class:`~ssdd_diffusers.evaluation.memory.PeakMemoryMeter` kind."""
 
 __all__ = [
-    "SD_VAE_CONFIG",
-    "SLOW_CONTENDERS",
-    "Contender",
-    "build_contender",
+    "build_parser",
     "gflop_count",
     "main",
     "matmul_gflops",
@@ -73,7 +68,6 @@ __all__ = [
     "memory_in_child",
     "memory_report",
     "parse_args",
-    "parse_ssdd",
     "run_benchmark",
     "timed",
     "to_markdown",
