@@ -7,9 +7,11 @@ the tests folder is put on ``sys.path`` here so that test modules can ``import h
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers.configs import perturb_, tiny_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_random_state():
+    """Every test starts from the same global random state (torch, NumPy, ``random``), whatever ran
+    before it in the same process: an unseeded ``torch.randn`` in a test draws the same values in any
+    order, alone or under xdist, so no test depends on the order of the suite."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ The same loop and flags as ``train_ssdd.py`` (data, EMA, checkpoints, exact resu
         --dataset_name ILSVRC/imagenet-1k --resolution 256 --output_dir ./ssdd-f8c4-M-256-1step
 """
 
+from ssdd_diffusers.cli.common import call_guarded
 from ssdd_diffusers.training.arguments import parse_args
 from ssdd_diffusers.training.trainer import main
 
 if __name__ == "__main__":
-    main(parse_args(distill=True))
+    main(call_guarded(lambda: parse_args(distill=True)))  # bad arguments: one error line, exit status 1

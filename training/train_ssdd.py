@@ -16,8 +16,9 @@ Covers every stage of the SSDD recipe:
 ``--help`` lists every flag. The loop is :func:`ssdd_diffusers.training.trainer.main`.
 """
 
+from ssdd_diffusers.cli.common import call_guarded
 from ssdd_diffusers.training.arguments import parse_args
 from ssdd_diffusers.training.trainer import main
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(call_guarded(parse_args))  # bad arguments: one error line, exit status 1

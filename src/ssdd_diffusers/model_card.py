@@ -19,17 +19,26 @@ training summary::
     from ssdd_diffusers.model_card import write_model_card_for_folder
 
     write_model_card_for_folder("./ssdd-f8c4-M-256", evaluation="eval_results/metrics.json")
+
+Nothing private is published: a card names a local folder (a training data folder, an initial or teacher
+model, an evaluation file) by its last component only, or as "a local folder" when that component would
+be empty or the user's name (:func:`public_source_name`); Hub ids are kept as they are. The same goes for
+the ``_name_or_path`` that diffusers writes into ``config.json`` (:func:`strip_local_paths_from_config`).
+An upload that loses its connection raises one ``ConnectionError`` saying that retrying is safe
+(:func:`interrupted_upload_as_error`).
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import yaml
@@ -54,6 +63,135 @@ _DATA_MARKER = "ssdd-model-card-data:"
 _DATA_RE = re.compile(r"<!-- " + re.escape(_DATA_MARKER) + r" (.*?) -->", re.DOTALL)
 _TRAINING_KEYS = ("stage", "data", "num_images", "global_step", "train_batch_size", "recipe", "validation")
 _HUB_ID_RE = re.compile(r"[\w.-]+/[\w.-]+")
+LOCAL_FOLDER = "a local folder"
+"""How a local path appears in published text when its last component is empty or private."""
+_PATH_INFO_KEYS = ("base_model", "data", "evaluation_source")
+"""``info`` entries that may hold a local path (as do the string values of ``info["recipe"]``)."""
+
+
+# ====================================================================================================
+# What gets published
+# ====================================================================================================
+def is_hub_id(value: str) -> bool:
+    """Whether ``value`` reads as a Hub repo id (``namespace/name``) and is not an existing local path."""
+    return bool(_HUB_ID_RE.fullmatch(value)) and not value.startswith(".") and not os.path.exists(value)
+
+
+def _is_private(name: str) -> bool:
+    """Whether ``name`` holds the user name or the home folder's name as a word (``alice-photos``)."""
+    for get in (getpass.getuser, lambda: Path.home().name):
+        try:
+            private = get()
+        except (KeyError, OSError, RuntimeError):  # no user name / home folder to be found
+            continue
+        if private and re.search(rf"(?<![^\W_]){re.escape(private)}(?![^\W_])", name, re.IGNORECASE):
+            return True
+    return False
+
+
+def _looks_local(text: str) -> bool:
+    if not text or is_hub_id(text):
+        return False
+    return (
+        "/" in text
+        or "\\" in text
+        or text.startswith("~")
+        or text in (".", "..")
+        or bool(re.match(r"[A-Za-z]:[\\/]", text))
+        or os.path.exists(text)
+    )
+
+
+def public_source_name(source: str | os.PathLike | None) -> str:
+    """How a model or data source appears in published text (model cards, configs).
+
+    Hub ids (``"org/name"``) and other plain names are returned as they are; a local path (absolute,
+    relative with a separator, ``~``-based, or an existing file or folder) becomes its last component,
+    or ``"a local folder"`` (:data:`LOCAL_FOLDER`) when that is empty or holds the user's name (or the
+    home folder's) as a word. ``None`` gives ``""``. POSIX and Windows separators are both understood.
+    """
+    if source is None:
+        return ""
+    text = os.fspath(source)
+    if not isinstance(source, os.PathLike) and not _looks_local(text):
+        return text
+    name = PureWindowsPath(text.rstrip("/\\")).name  # splits on "/" and "\\"
+    if not name or name in (".", "..") or name.startswith("~"):
+        name = Path(text).expanduser().resolve().name
+    return LOCAL_FOLDER if not name or _is_private(name) else name
+
+
+def public_card_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """``info`` with the entries that may hold a local path (``base_model``, ``data``,
+    ``evaluation_source``, string values of ``recipe``) passed through :func:`public_source_name`."""
+    public = dict(info)
+    for key in _PATH_INFO_KEYS:
+        if isinstance(public.get(key), (str, os.PathLike)):
+            public[key] = public_source_name(public[key])
+    if isinstance(public.get("recipe"), Mapping):
+        public["recipe"] = {
+            key: public_source_name(value) if isinstance(value, (str, os.PathLike)) else value
+            for key, value in public["recipe"].items()
+        }
+    return public
+
+
+def strip_local_paths_from_config(folder: str | os.PathLike) -> bool:
+    """Make the ``config.json`` of a saved folder publishable; returns whether it was rewritten.
+
+    diffusers' ``from_pretrained`` records where a model was loaded from as ``_name_or_path`` and
+    ``save_pretrained`` writes it; a local path there becomes :func:`public_source_name` of it (a Hub id
+    is kept). The file keeps diffusers' layout (2-space indent, sorted keys).
+    """
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text(encoding="utf-8"))
+    source = config.get("_name_or_path")
+    if not isinstance(source, str) or public_source_name(source) == source:
+        return False
+    config["_name_or_path"] = public_source_name(source)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions of a lost connection, for the HTTP client of the installed ``huggingface_hub``."""
+    import importlib
+
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests.exceptions", ("ConnectionError", "Timeout", "ChunkedEncodingError")),
+    ):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        errors += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(errors)
+
+
+@contextmanager
+def interrupted_upload_as_error(repo_id: str, what: str = "the upload") -> Iterator[None]:
+    """Turn a connection lost during a Hub upload into one ``ConnectionError`` naming ``repo_id``.
+
+    The message says that the upload was interrupted and that retrying is safe (the local files are not
+    modified); the original exception is chained. Answers of the Hub (``HfHubHTTPError`` and its
+    subclasses) and ``OfflineModeIsEnabled`` pass through unchanged.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except (HfHubHTTPError, OfflineModeIsEnabled):
+        raise
+    except _transport_errors() as error:
+        raise ConnectionError(
+            f"Uploading {what} to the Hub repo {repo_id!r} was interrupted ({type(error).__name__}: "
+            f"{error}). The local files are untouched; it is safe to retry."
+        ) from error
 
 
 # ====================================================================================================
@@ -241,7 +379,7 @@ def evaluation_markdown(evaluation: Any) -> str | None:
 def _metadata(info: Mapping[str, Any]) -> str:
     data: dict[str, Any] = {"library_name": "diffusers", "license": "apache-2.0", "tags": list(CARD_TAGS)}
     base_model = str(info.get("base_model") or "")
-    if base_model and _HUB_ID_RE.fullmatch(base_model) and not Path(base_model).exists():
+    if base_model and is_hub_id(base_model):
         data["base_model"] = base_model  # Hub ids only; local paths are not valid metadata
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
@@ -296,7 +434,11 @@ def render_model_card(
     config: Mapping[str, Any] | None = None,
     parameters: Mapping[str, Any] | None = None,
 ) -> str:
-    """Text of a model card (see the module docstring); ``info`` as for :func:`write_model_card`."""
+    """Text of a model card (see the module docstring); ``info`` as for :func:`write_model_card`.
+
+    Local paths in ``info`` appear as :func:`public_source_name` gives them (see :func:`public_card_info`).
+    """
+    info = public_card_info(info)
     repo_id = info.get("repo_id")
     title = repo_id or info.get("title") or "SSDD autoencoder"
     steps = info.get("num_inference_steps", (config or {}).get("num_inference_steps", "?"))
@@ -403,13 +545,19 @@ def write_model_card_for_folder(
 
 __all__ = [
     "CARD_NAME",
+    "LOCAL_FOLDER",
     "config_rows",
     "count_parameters",
     "decoder_size_name",
     "encoder_description",
     "evaluation_markdown",
+    "interrupted_upload_as_error",
+    "is_hub_id",
+    "public_card_info",
+    "public_source_name",
     "read_card_info",
     "render_model_card",
+    "strip_local_paths_from_config",
     "write_model_card",
     "write_model_card_for_folder",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from helpers import hub as H
 from helpers.configs import TINY_MODEL_CONFIG
 from huggingface_hub import ModelCard, metadata_load
+from huggingface_hub.errors import HfHubHTTPError
 
 from ssdd_diffusers import SSDDAutoencoder, decoder_preset, encoder_preset
 from ssdd_diffusers.evaluation import EvaluationReport, ModelResult
@@ -46,6 +48,15 @@ TRAINING_INFO = {
 def folder_files(folder: Path) -> dict[str, bytes]:
     """``{posix relative path: bytes}`` of every file below ``folder``."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """``{posix relative path: (bytes, mtime in ns)}`` of every file below ``folder``."""
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +173,90 @@ def test_push_to_hub_keeps_an_existing_card(model: SSDDAutoencoder, monkeypatch:
     assert second[weights] != first[weights]  # the new weights were uploaded
     assert set(third) == set(second) | {"vae/config.json", f"vae/{weights}"}
     assert third["README.md"] == user_card and third[f"vae/{weights}"] == second[weights]
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
+@pytest.mark.parametrize("answer_only", [False, True], ids=["request-lost", "answer-lost"])
+def test_push_to_hub_interrupted_then_retried(
+    saved: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer_only: bool
+) -> None:
+    """The mock hangs up on every commit request (``huggingface_hub`` retries it itself; its waits are
+    made instant): one ``ConnectionError`` naming the repo, saying the upload was interrupted and that
+    retrying is safe, with the transport error chained. The folder the model was loaded from is untouched
+    (bytes and mtimes) and the temporary save is removed. Nothing is committed when the requests are lost;
+    when only the answers are lost the files are there. A retry then uploads the complete model (the
+    folder's weights and config, ``_name_or_path`` being the folder's name; the SSDD card), which loads
+    back with the same weights."""
+    model = SSDDAutoencoder.from_pretrained(saved)
+    before = folder_state(saved)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where push_to_hub saves the model
+    with H.mock_hub_server() as hub:
+        H.point_hub_client_at(monkeypatch, hub.url)
+        waits = H.instant_retries(monkeypatch)
+        hub.drop_connection("/commit/", times=None, after_processing=answer_only)
+        with pytest.raises(ConnectionError) as raised:
+            model.push_to_hub("org/ssdd-drop", token="hf_fake")
+        attempts, committed = list(hub.dropped), dict(hub.files.get("org/ssdd-drop", {}))
+        after_failure, leftovers = folder_state(saved), list(scratch.iterdir())
+        hub.stop_dropping()
+        commit = model.push_to_hub("org/ssdd-drop", token="hf_fake")
+        uploaded = dict(hub.files["org/ssdd-drop"])
+        loaded = SSDDAutoencoder.from_pretrained("org/ssdd-drop", cache_dir=tmp_path / "cache")
+
+    error = raised.value
+    assert type(error) is ConnectionError and str(error).startswith(
+        "Uploading the model to the Hub repo 'org/ssdd-drop' was interrupted ("
+    )
+    assert str(error).endswith("The local files are untouched; it is safe to retry.")
+    assert error.__cause__ is not None and not isinstance(error.__cause__, HfHubHTTPError)
+    assert f"({type(error.__cause__).__name__}: " in str(error)  # e.g. RemoteProtocolError
+    assert attempts and set(attempts) == {"POST /api/models/org/ssdd-drop/commit/main"}
+    assert len(waits) == len(attempts) - 1  # the library's own retries, if any, all failed
+    expected = folder_files(saved)
+    assert set(committed) == (set(expected) | {"README.md"} if answer_only else set())
+    assert after_failure == before and leftovers == []
+    assert folder_state(saved) == before and list(scratch.iterdir()) == []
+
+    assert H.MOCK_COMMIT_OID in str(commit)
+    assert set(uploaded) == set(expected) | {"README.md"}
+    weights = "diffusion_pytorch_model.safetensors"
+    assert uploaded[weights] == expected[weights]
+    # diffusers records where the model was loaded from; only the folder's name is published.
+    config = json.loads(expected["config.json"])
+    assert json.loads(uploaded["config.json"]) == {**config, "_name_or_path": saved.name}
+    assert uploaded["README.md"] == write_model_card_for_folder(saved, repo_id="org/ssdd-drop").read_bytes()
+    reference = model.state_dict()
+    assert set(loaded.state_dict()) == set(reference)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_push_folder_to_hub_interrupted_then_retried(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``push_folder_to_hub`` losing every ``preupload`` request: one ``ConnectionError`` naming the repo;
+    the folder (card, checkpoint) is untouched, nothing is committed, and a retry uploads it all."""
+    write_model_card(saved, TRAINING_INFO)
+    (saved / "checkpoint-2").mkdir()
+    (saved / "checkpoint-2" / "optimizer.bin").write_bytes(b"not for the Hub")
+    before = folder_state(saved)
+    with H.mock_hub_server() as hub:
+        H.point_hub_client_at(monkeypatch, hub.url)
+        H.instant_retries(monkeypatch)
+        hub.drop_connection("/preupload/", times=None)
+        with pytest.raises(ConnectionError, match=r"the model folder to the Hub repo 'org/ssdd-fold'.*retry"):
+            push_folder_to_hub(saved, "org/ssdd-fold", token="hf_fake")
+        assert hub.dropped and "org/ssdd-fold" not in hub.files
+        assert not any("/commit/" in request for request in hub.requests)
+        assert folder_state(saved) == before
+        hub.stop_dropping()
+        push_folder_to_hub(saved, "org/ssdd-fold", token="hf_fake")
+        uploaded = dict(hub.files["org/ssdd-fold"])
+
+    assert folder_state(saved) == before
+    expected = {k: v for k, v in folder_files(saved).items() if not k.startswith("checkpoint-")}
+    assert set(expected) == {"config.json", "diffusion_pytorch_model.safetensors", "README.md"}
+    assert uploaded == expected
 
 
 def test_hf_upload_cli_uploads_exactly_the_folder(saved: Path, tmp_path: Path) -> None:
@@ -297,11 +392,12 @@ def test_model_card_for_folder_adds_evaluation_json_and_keeps_training(saved: Pa
 
 
 def test_model_card_metadata_edge_cases(saved: Path) -> None:
-    """Local ``base_model`` paths stay out of the YAML; stored info survives ``--``/``-->`` in strings."""
+    """Local ``base_model`` paths stay out of the YAML and the text names only the folder; stored info
+    survives ``--``/``-->`` in strings."""
     info = {**TRAINING_INFO, "base_model": str(saved), "data": "weird --> name -- here"}
     path = write_model_card(saved, info)
     assert "base_model" not in metadata_load(path)
-    assert f"Initialised from: `{saved}`" in path.read_text()
+    assert f"Initialised from: `{saved.name}`" in path.read_text() and str(saved) not in path.read_text()
     assert read_card_info(path)["data"] == "weird --> name -- here"
     # Any other metrics mapping: one row per scalar, nested mappings flattened, lists left out.
     table = evaluation_markdown({"model": "m", "mean": {"psnr": 24.0, "ssim": 0.5}, "images": [1, 2]})

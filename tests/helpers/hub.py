@@ -6,12 +6,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import unquote
 
 MOCK_COMMIT_OID = "1" * 40
@@ -25,14 +28,41 @@ class MockHub:
     NDJSON with base64 contents, every file "regular", never LFS/Xet), ``HEAD``/``GET
     /{repo_id}/resolve/{revision}/{path}`` serve the uploaded files and answer 404 with the Hub's
     ``X-Error-Code`` (``EntryNotFound`` / ``RepoNotFound``) otherwise, as ``hf_hub_download`` expects.
-    ``requests`` lists every request as ``"METHOD /path"``.
+    ``requests`` lists every request as ``"METHOD /path"``; :meth:`drop_connection` makes the mock hang up
+    on chosen requests (listed in ``dropped``), as a lost connection would.
     """
 
     def __init__(self) -> None:
         self.repos: list[str] = []
         self.files: dict[str, dict[str, bytes]] = {}
         self.requests: list[str] = []
+        self.dropped: list[str] = []
         self.url = ""
+        self._drops: list[list] = []  # [marker, remaining, after_processing]
+        self._lock = threading.Lock()
+
+    def drop_connection(self, marker: str, times: int | None = 1, after_processing: bool = False) -> None:
+        """Close the connection without any answer on the next ``times`` requests (``None``: all, until
+        :meth:`stop_dropping`) whose ``"METHOD /path"`` contains ``marker`` (e.g. ``"/commit/"``), after
+        reading the request body. With ``after_processing`` a POST takes effect first (a commit is
+        stored) and only its answer is lost."""
+        with self._lock:
+            self._drops.append([marker, math.inf if times is None else times, after_processing])
+
+    def stop_dropping(self) -> None:
+        """Answer every request again."""
+        with self._lock:
+            self._drops.clear()
+
+    def _take_drop(self, request: str) -> bool | None:
+        """``None``: answer ``request``; else drop it (``True``: after processing it)."""
+        with self._lock:
+            for drop in self._drops:
+                if drop[0] in request and drop[1] > 0:
+                    drop[1] -= 1
+                    self.dropped.append(request)
+                    return drop[2]
+        return None
 
 
 def _handler(hub: MockHub) -> type[BaseHTTPRequestHandler]:
@@ -40,7 +70,14 @@ def _handler(hub: MockHub) -> type[BaseHTTPRequestHandler]:
         def log_message(self, *args) -> None:  # silence
             pass
 
+        def _hang_up(self) -> None:
+            """End the exchange without a response (the client sees the connection closed)."""
+            self.close_connection = True
+
         def _reply(self, payload: object, status: int = 200) -> None:
+            if getattr(self, "lose_reply", False):
+                self._hang_up()
+                return
             body = json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -83,6 +120,8 @@ def _handler(hub: MockHub) -> type[BaseHTTPRequestHandler]:
 
         def do_HEAD(self) -> None:  # noqa: N802
             hub.requests.append(f"HEAD {self.path}")
+            if hub._take_drop(f"HEAD {self.path}") is not None:
+                return self._hang_up()
             if not self._resolve(send_body=False):
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -90,12 +129,18 @@ def _handler(hub: MockHub) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             hub.requests.append(f"GET {self.path}")
+            if hub._take_drop(f"GET {self.path}") is not None:
+                return self._hang_up()
             if not self._resolve(send_body=True):
                 self._reply({"error": "not found"}, 404)
 
         def do_POST(self) -> None:  # noqa: N802
             hub.requests.append(f"POST {self.path}")
             body = self._body()
+            drop = hub._take_drop(f"POST {self.path}")
+            if drop is False:
+                return self._hang_up()
+            self.lose_reply = drop is True
             host = f"http://{self.headers['Host']}"
             path = self.path.split("?")[0]
             if path == "/api/repos/create":
@@ -169,6 +214,19 @@ def point_hub_client_at(monkeypatch, url: str) -> None:
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def instant_retries(monkeypatch) -> list[float]:
+    """Make the waits between ``huggingface_hub``'s own retries (``http_backoff``: 1, 2, 4, 8, 8 s) instant.
+
+    Returns the list the requested waits are appended to. ``monkeypatch`` is pytest's fixture.
+    """
+    import huggingface_hub.utils._http as hf_http
+
+    waits: list[float] = []
+    clock = {name: getattr(time, name) for name in dir(time) if not name.startswith("_")}
+    monkeypatch.setattr(hf_http, "time", SimpleNamespace(**{**clock, "sleep": waits.append}))
+    return waits
 
 
 def hub_cli_env(url: str, home: Path) -> dict[str, str]:

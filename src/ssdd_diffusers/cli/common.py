@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -15,6 +16,8 @@ from ..dependencies import MissingDependencyError
 from ..evaluation.specs import MODEL_SUBFOLDERS
 from ..torch_utils import DTYPES
 from .errors import InputError
+
+T = TypeVar("T")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +125,13 @@ def run_guarded(command: Any) -> int:
     return 0
 
 
+def call_guarded(function: Callable[[], T]) -> T:
+    """``function()``'s result; an expected failure exits as in :func:`run_guarded` (one line, status 1)."""
+    results: list[T] = []
+    run_guarded(lambda: results.append(function()))
+    return results[0]
+
+
 def _looks_like_hub_id(path: str) -> bool:
     return path.count("/") == 1 and not path.startswith((".", "/", "~")) and "\\" not in path
 
@@ -149,9 +159,7 @@ def load_cli_model(text: str, steps: int | None, device: torch.device, dtype: to
         loaded = load_autoencoder(spec, device=device, dtype=dtype)
     if steps is not None and not loaded.is_ssdd:
         print(f"note: --steps is ignored for a {loaded.class_name}", file=sys.stderr)
-    if not (hasattr(loaded.model, "encode") and hasattr(loaded.model, "decode")):
-        raise InputError(f"{spec.path!r} holds a {loaded.class_name}, not an autoencoder")
-    return loaded
+    return loaded  # load_autoencoder refuses a model without encode / decode
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, steps: bool = True) -> None:

@@ -31,6 +31,7 @@ def convert_command(args: argparse.Namespace) -> None:
 
     from ..conversion import load_state_dict_file
     from ..models import SSDDAutoencoder
+    from ..weights_files import safetensors_problem
 
     checkpoint, output = Path(args.checkpoint), Path(args.output_dir)
     if not checkpoint.is_file():
@@ -48,6 +49,11 @@ def convert_command(args: argparse.Namespace) -> None:
     try:
         state = load_state_dict_file(checkpoint)
     except (pickle.UnpicklingError, RuntimeError, EOFError, SafetensorError) as error:
+        problem = safetensors_problem(checkpoint) if checkpoint.suffix == ".safetensors" else None
+        if problem is not None:
+            raise InputError(
+                f"checkpoint {args.checkpoint!r} is truncated or corrupt ({problem}); re-download it"
+            ) from error
         raise InputError(
             f"cannot read checkpoint {args.checkpoint!r}: not a safetensors file nor a tensors-only torch "
             f"checkpoint ({type(error).__name__})"

@@ -77,6 +77,19 @@ def _per_model(values: Sequence[str] | None, count: int, name: str) -> list[str 
     return list(values)
 
 
+def _steps(value: str | None) -> int | None:
+    """A ``--steps`` value: ``None`` for the model's own (``default``), else an integer >= 1."""
+    if value in (None, "default"):
+        return None
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise SystemExit(f"error: --steps takes integers >= 1 or 'default', got {value!r}")
+    return steps
+
+
 def evaluate_main(
     argv: Sequence[str] | None = None,
     *,
@@ -96,7 +109,7 @@ def evaluate_main(
     if args.labels is not None and len(args.labels) == 1 and len(args.models) > 1:
         raise SystemExit("error: --labels needs one label per model")
     specs = [
-        parse_model_spec(text, steps=None if s in (None, "default") else int(s), label=label)
+        parse_model_spec(text, steps=_steps(s), label=label)
         for text, s, label in zip(args.models, steps, labels)
     ]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..evaluation.reconstruction import decode_latents, encode_latents
 from ..torch_utils import DTYPES, resolve_device
 from .common import iter_images, load_cli_model, seeded_generator
@@ -72,11 +74,14 @@ def decode_command(args: argparse.Namespace) -> None:
                 f"latents {name!r} have {z.shape[1]} channels but the model expects {expected} "
                 f"(shape {tuple(z.shape[1:])})"
             )
-        if (z.shape[-2] * factor) % multiple or (z.shape[-1] * factor) % multiple:
+        if min(z.shape[-2:]) < 1 or (z.shape[-2] * factor) % multiple or (z.shape[-1] * factor) % multiple:
             raise InputError(
                 f"latents {name!r} of {z.shape[-1]}x{z.shape[-2]} would decode to "
-                f"{z.shape[-1] * factor}x{z.shape[-2] * factor} px; the model needs multiples of {multiple}"
+                f"{z.shape[-1] * factor}x{z.shape[-2] * factor} px; the model needs positive multiples of "
+                f"{multiple}"
             )
+        if not bool(torch.isfinite(z).all()):
+            raise InputError(f"latents {name!r} contain NaN or infinite values; expected finite numbers")
     output_dir = Path(args.output_dir)
     for name, z in tqdm(
         list(zip(data.names, data.latents)), desc="decode", unit="img", disable=args.no_progress

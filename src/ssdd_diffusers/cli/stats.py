@@ -43,6 +43,7 @@ def latent_stats_main(argv: Sequence[str] | None = None, prog: str = "ssdd-laten
     from ..evaluation import iterate_batches, load_autoencoder, parse_model_spec
     from ..evaluation.latent_stats import compute_latent_stats, write_latent_stats
     from ..torch_utils import resolve_device
+    from .images import check_resolution
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_latent_stats_parser(prog).parse_args(argv)
@@ -53,6 +54,7 @@ def latent_stats_main(argv: Sequence[str] | None = None, prog: str = "ssdd-laten
         )
     device = resolve_device(args.device)
     loaded = load_autoencoder(spec, device=device, dtype=DTYPES[args.dtype])
+    check_resolution(args.resolution, loaded.spatial_compression_ratio)  # stats only encode
     dataset = dataset_from_args(args, args.max_samples)
     try:
         total = len(dataset)
@@ -72,6 +74,10 @@ def latent_stats_main(argv: Sequence[str] | None = None, prog: str = "ssdd-laten
         path = write_latent_stats(
             stats, model_path=spec.path, model=loaded.model, output_dir=args.output_dir, subfolder=subfolder
         )
+        if args.output_dir is not None:  # a new folder: `_name_or_path` names the source folder at most
+            from ..model_card import strip_local_paths_from_config
+
+            strip_local_paths_from_config(args.output_dir)
         print(f"wrote latents_mean, latents_std, shift_factor, scaling_factor to {path}")
     return stats
 

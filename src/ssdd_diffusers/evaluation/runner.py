@@ -31,6 +31,7 @@ Reconstruction rules:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -139,6 +140,14 @@ def iterate_batches(
 ModelLike = ModelSpec | LoadedAutoencoder | str
 
 
+def _size_multiple(model: LoadedAutoencoder) -> int:
+    """Image side multiple ``model`` needs: its encoder factor and, untiled, an SSDD decoder's factor."""
+    factor = model.spatial_compression_ratio
+    if model.is_ssdd and not getattr(model.model, "use_tiling", False):
+        factor = math.lcm(factor, int(getattr(model.model.decoder, "downsample_factor", 1)))
+    return factor
+
+
 def evaluate_models(
     models: Sequence[ModelLike],
     dataset: Dataset | Tensor,
@@ -217,10 +226,12 @@ def evaluate_models(
                 images = images[: max_samples - count]
                 if images.shape[0] == 0:
                     break
-            f = model.spatial_compression_ratio
-            if images.shape[-1] % f or images.shape[-2] % f:
+            f = _size_multiple(model)
+            if min(images.shape[-2:]) < f or images.shape[-1] % f or images.shape[-2] % f:
+                bar.close()  # the error then starts a line of its own
                 raise ValueError(
-                    f"image size {tuple(images.shape[-2:])} is not divisible by {label}'s factor {f}"
+                    f"image size {tuple(images.shape[-2:])} is not divisible by {label}'s factor {f}; "
+                    f"evaluate at a resolution that is a positive multiple of {f}"
                 )
             noise = shared_noise(images.shape, seed, batch_index).to(device) if model.is_ssdd else None
             if batch_index == 0:

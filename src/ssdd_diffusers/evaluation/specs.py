@@ -17,6 +17,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from torch import Tensor, nn
 
+from ..torch_utils import own_cpu_memory_
+from ..weights_files import broken_weights_error
 from .reconstruction import is_ssdd, reconstruct
 
 SSDD_CLASS_NAME = "SSDDAutoencoder"
@@ -111,7 +113,11 @@ def parse_model_spec(text: str, steps: int | None = None, label: str | None = No
                 raise
     if "steps" in options:
         value = options["steps"]
-        steps = None if value in ("", "default") else int(value)
+        try:
+            steps = None if value in ("", "default") else int(value)
+        except ValueError:
+            message = f"steps must be an integer >= 1 or 'default', got {value!r} in {text!r}"
+            raise ValueError(message) from None
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps} in {text!r}")
     return ModelSpec(
@@ -184,7 +190,14 @@ def load_pretrained(
     cls = _model_class(class_name or str(config.get("_class_name") or SSDD_CLASS_NAME))
     if found is not None:
         kwargs["subfolder"] = found
-    return cls.from_pretrained(str(path), **kwargs)
+    try:
+        model = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as error:  # a truncated download: name the file instead
+        broken = broken_weights_error(error, path, found)
+        if broken is None:
+            raise
+        raise broken from error
+    return own_cpu_memory_(model)  # any class: aligned like SSDD's
 
 
 def _default_label(path: str, class_name: str, steps: int | None) -> str:
@@ -265,6 +278,8 @@ def load_autoencoder(
     if isinstance(spec, str):
         spec = parse_model_spec(spec)
     model = load_pretrained(spec.path, spec.subfolder, spec.class_name, torch_dtype=dtype)
+    if not (hasattr(model, "encode") and hasattr(model, "decode")):
+        raise ValueError(f"{spec.path!r} holds a {type(model).__name__}, not an autoencoder")
     model = model.to(device).eval()
     model.requires_grad_(False)
     wrapped = LoadedAutoencoder(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 from ..evaluation.lpips import is_custom_distance
 from .optim import OPTIMIZERS
@@ -259,6 +260,18 @@ def build_parser(distill: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _check_image_folder(path: str) -> None:
+    """``ValueError`` unless ``path`` is a folder with at least one image (stops at the first one)."""
+    from ..data import IMAGE_EXTENSIONS
+
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(f"--train_data_dir {path!r} is not a folder.")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in root.rglob("*")):
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"no images ({extensions}) found under --train_data_dir {path!r}.")
+
+
 def parse_args(input_args: list[str] | None = None, distill: bool = False) -> argparse.Namespace:
     """Parse and validate the command line (``input_args`` for in-process use)."""
     args = build_parser(distill).parse_args(input_args)
@@ -303,8 +316,10 @@ def parse_args(input_args: list[str] | None = None, distill: bool = False) -> ar
         )
     if args.streaming and args.max_train_steps is None:
         raise ValueError("--streaming needs --max_train_steps (the dataset length is unknown).")
-    if args.resolution % 8:
-        raise ValueError("--resolution must be a multiple of 8.")
+    if args.resolution < 8 or args.resolution % 8:
+        raise ValueError(f"--resolution must be a positive multiple of 8; got {args.resolution}.")
+    if args.train_data_dir is not None:
+        _check_image_folder(args.train_data_dir)
     if args.multiscale_stages < 1 or args.resolution % (8 * 2 ** (args.multiscale_stages - 1)):
         raise ValueError(
             f"--multiscale_stages {args.multiscale_stages} needs --resolution a multiple of "

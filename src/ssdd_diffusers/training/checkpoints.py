@@ -1,5 +1,11 @@
-"""Training checkpoints: atomic writes (``checkpoint-N.tmp`` renamed when complete), ``latest`` resolution
-that ignores incomplete folders, and rotation (``--checkpoints_total_limit``)."""
+"""Training checkpoints: crash-safe writes (``checkpoint-N.tmp`` fsynced, then renamed when complete),
+``latest`` resolution that ignores incomplete folders, and rotation (``--checkpoints_total_limit``).
+
+A process killed at any moment (SIGKILL, OOM, pre-emption) or a power loss leaves either the previous
+checkpoints intact or the new one complete: files and folders are fsynced before the rename that
+publishes them, old checkpoints are deleted only after the new one is published, and deletions first
+rename the folder to a ``.tmp`` name so that a half-deleted checkpoint is never taken for a complete one.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,74 @@ CHECKPOINT_TMP_SUFFIX = ".tmp"
 CHECKPOINT_MARKER = "ssdd_checkpoint.json"
 """File written last into a checkpoint folder; a folder without it is incomplete."""
 _CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
+
+CRASH_ENV = "SSDD_TEST_CRASH_AT"
+"""Test-only fault injection: when this environment variable equals the name of a :func:`crash_point`
+(``"checkpoint-N:files"``, ``"checkpoint-N:marker"``, ``"checkpoint-N:renamed"``, ``"final:staged"``),
+the process SIGKILLs itself there. Unset (as outside tests), it has no effect."""
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process if ``$SSDD_TEST_CRASH_AT == name`` (see :data:`CRASH_ENV`)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data, or a directory's entries, to disk (directories: POSIX only)."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file under ``root``, then every folder (deepest first, ``root`` last)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
+
+
+def write_file_durably(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` and fsync it (the caller renames or fsyncs the folder)."""
+    Path(path).write_text(text, encoding="utf-8")
+    fsync_path(path)
+
+
+def remove_folder(path: str | os.PathLike) -> Path:
+    """Delete a folder crash-safely: rename it to ``<name>.old.tmp`` (atomic), then delete that.
+
+    A kill during the deletion leaves a ``.tmp`` folder, which ``latest`` ignores and the next save
+    removes, never a half-deleted folder under its original name. Returns the original path.
+    """
+    path = Path(path)
+    trash = path.with_name(f"{path.name}.old{CHECKPOINT_TMP_SUFFIX}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(path, trash)
+    fsync_path(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+    return path
+
+
+def publish_files(staging: str | os.PathLike, dest: str | os.PathLike, last: Sequence[str] = ()) -> None:
+    """Move the (flat) files of ``staging`` into ``dest``, each atomically, then delete ``staging``.
+
+    Files are fsynced first; those named in ``last`` are moved last, in that order (``config.json``
+    last: a model folder with a new config then has its new weights). ``dest`` is fsynced at the end.
+    """
+    staging, dest = Path(staging), Path(dest)
+    fsync_tree(staging)
+    names = sorted(p.name for p in staging.iterdir() if p.name not in last)
+    names += [name for name in last if (staging / name).exists()]
+    for name in names:
+        os.replace(staging / name, dest / name)
+    fsync_path(dest)
+    shutil.rmtree(staging)
 
 
 def checkpoint_step(path: str | os.PathLike) -> int | None:
@@ -68,9 +143,12 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / CHECKPOINT_MARKER).read_text())
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, reserve: int = 1) -> list[Path]:
-    """Delete the oldest complete checkpoints so that at most ``total_limit - reserve`` remain (room for
-    the ``reserve`` about to be written), plus stale temporary folders. Returns the deleted paths."""
+def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None) -> list[Path]:
+    """Delete stale temporary folders, then the oldest complete checkpoints beyond ``total_limit``.
+
+    Called after a new checkpoint is published, so the newest ``total_limit`` (complete) ones survive.
+    Returns the deleted paths.
+    """
     root = Path(output_dir)
     removed: list[Path] = []
     if root.is_dir():
@@ -80,11 +158,9 @@ def prune_checkpoints(output_dir: str | os.PathLike, total_limit: int | None, re
     if total_limit is None or total_limit <= 0:
         return removed
     checkpoints = list_checkpoints(root)
-    excess = len(checkpoints) - max(total_limit - reserve, 0)
-    for path in checkpoints[: max(excess, 0)]:
+    for path in checkpoints[: max(len(checkpoints) - total_limit, 0)]:
         logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", path, total_limit)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        removed.append(remove_folder(path))
     return removed
 
 
@@ -95,18 +171,18 @@ def save_checkpoint_atomic(
     state: Mapping[str, Any] | None = None,
     total_limit: int | None = None,
 ) -> Path:
-    """``accelerator.save_state`` into ``checkpoint-N.tmp``, then rename it to ``checkpoint-N``.
+    """``accelerator.save_state`` into ``checkpoint-N.tmp``, then publish it as ``checkpoint-N``.
 
-    Must be called on every process. The main process first rotates old checkpoints (keeping at most
-    ``total_limit`` including the new one), writes the completion marker (``state`` as JSON) last, and
-    renames the folder with ``os.replace``; an interrupted save leaves only a ``.tmp`` folder, which
-    ``latest`` ignores and the next save removes.
+    Must be called on every process. The main process then fsyncs every file and folder, writes the
+    completion marker (``state`` as JSON) last, renames the folder with ``os.replace``, fsyncs
+    ``output_dir``, and only then rotates old checkpoints (keeping ``total_limit``, the new one
+    included) and removes stale ``.tmp`` folders. A save killed at any point leaves a ``.tmp`` folder,
+    which ``latest`` ignores, and the previous checkpoints intact.
     """
     root = Path(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step}"
     tmp = root / f"{CHECKPOINT_PREFIX}{step}{CHECKPOINT_TMP_SUFFIX}"
     if accelerator.is_main_process:
-        prune_checkpoints(root, total_limit, reserve=0 if final.exists() else 1)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -114,11 +190,18 @@ def save_checkpoint_atomic(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        fsync_tree(tmp)
+        crash_point(f"{final.name}:files")
         marker = {"step": int(step), "time": time.time(), **(dict(state) if state else {})}
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
+        write_file_durably(tmp / CHECKPOINT_MARKER, json.dumps(marker, indent=2, sort_keys=True))
+        fsync_path(tmp)
+        crash_point(f"{final.name}:marker")
+        if final.exists():  # re-saving a step (resumed from an older checkpoint): set the old one aside
+            remove_folder(final)
         os.replace(tmp, final)
+        fsync_path(root)
+        crash_point(f"{final.name}:renamed")
+        prune_checkpoints(root, total_limit)
         logger.info("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from ..data import SamplePhotoDataset, TrainTransform, collate_images, load_image_dataset
-from ..model_card import write_model_card
+from ..model_card import public_source_name, strip_local_paths_from_config, write_model_card
 from ..models import SSDDAutoencoder
-from .checkpoints import read_checkpoint_state, resolve_resume_checkpoint, save_checkpoint_atomic
+from .checkpoints import (
+    crash_point,
+    publish_files,
+    read_checkpoint_state,
+    resolve_resume_checkpoint,
+    save_checkpoint_atomic,
+)
 from .ema import create_ema, ema_is_averaging
 from .hub import push_folder_to_hub
 from .model_loading import build_model, load_teacher
@@ -53,11 +60,15 @@ from .reproducibility import (
     EpochShuffleSampler,
     SeededAugmentDataset,
     SeededAugmentIterableDataset,
+    derive_seed,
     step_generator,
 )
 from .validation import run_validation, validation_images
 
 logger = get_logger(__name__, log_level="INFO")
+
+FINAL_STAGING = "final.tmp"
+"""Folder of output_dir where the final model is written before being moved in place."""
 
 PROGRESS_KEYS = ("loss", "fm", "lpips", "repa", "kl", "recon")
 """Loss terms shown in the progress bar."""
@@ -156,12 +167,15 @@ def build_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
 def build_dataloader(args: argparse.Namespace, dataset: Any) -> tuple[DataLoader, EpochShuffleSampler | None]:
     """Shuffled (per ``(seed, epoch)``) loader of a map-style dataset, or a plain loader of a stream."""
     sampler = None if isinstance(dataset, IterableDataset) else EpochShuffleSampler(len(dataset), args.seed)
+    # Each iterator draws its workers' base seed from `generator` (reseeded per epoch by train_loop), not
+    # from the global RNG, whose state a resumed run (killed anywhere) must restore exactly.
     loader = DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         sampler=sampler,
         collate_fn=collate_images,
         num_workers=args.dataloader_num_workers,
+        generator=torch.Generator(),
     )
     return loader, sampler
 
@@ -422,6 +436,7 @@ def train_loop(run: TrainingRun) -> None:
         # accelerate's loader re-applies its own epoch counter to the sampler/dataset when iterated (and
         # copies it into skip_first_batches' loader): set it too, so order and augmentation follow `epoch`.
         run.dataloader.set_epoch(epoch)
+        run.dataloader.generator.manual_seed(derive_seed(args.seed, epoch, 0xB5))
         if run.sampler is not None:
             run.sampler.set_epoch(epoch)
         run.train_dataset.set_epoch(epoch)
@@ -544,10 +559,18 @@ def finish(run: TrainingRun) -> dict[str, Any]:
             result["validation"] = run_validation(
                 final_vae, run.val_images, args, accelerator, state.global_step, tag="final"
             )
-        final_vae.save_pretrained(run.output_dir, safe_serialization=True)
+        # Written into a staging folder, then moved file by file (config.json, README.md last), so that a
+        # kill never leaves a half-written model in output_dir (a leftover final.tmp is replaced here).
+        staging = run.output_dir / FINAL_STAGING
+        if staging.exists():
+            shutil.rmtree(staging)
+        final_vae.save_pretrained(staging, safe_serialization=True)
+        strip_local_paths_from_config(staging)  # `_name_or_path` of a loaded initial model or teacher
         if isinstance(final_vae, SSDDAutoencoder):
             info = {**card_info(run, result), "num_inference_steps": final_vae.config.num_inference_steps}
-            write_model_card(run.output_dir, info)
+            write_model_card(staging, info)
+        crash_point("final:staged")
+        publish_files(staging, run.output_dir, last=("config.json", "README.md"))
         if args.push_to_hub:
             push_folder_to_hub(run.output_dir, run.repo_id, token=args.hub_token, private=args.hub_private)
             result["repo_id"] = run.repo_id
@@ -560,7 +583,8 @@ def finish(run: TrainingRun) -> dict[str, Any]:
 
 
 def card_info(run: TrainingRun, result: dict[str, Any]) -> dict[str, Any]:
-    """What the model card says about this run (see :func:`ssdd_diffusers.model_card.write_model_card`)."""
+    """What the model card says about this run (see :func:`ssdd_diffusers.model_card.write_model_card`);
+    local folders (data, initial model, teacher, REPA model) by their last component only."""
     args = run.args
     stage = (
         "distillation"
@@ -577,7 +601,7 @@ def card_info(run: TrainingRun, result: dict[str, Any]) -> dict[str, Any]:
         "lpips_weight": args.lpips_weight,
         "lpips": f"{args.lpips_net} ({args.lpips_backbone})",
         "repa_weight": args.repa_weight,
-        "repa_model": args.repa_model,
+        "repa_model": public_source_name(args.repa_model),
         "kl_weight": args.kl_weight if args.train_encoder else 0.0,
         "recon_weight": args.recon_weight,
         "recon_loss": args.recon_loss,
@@ -591,15 +615,14 @@ def card_info(run: TrainingRun, result: dict[str, Any]) -> dict[str, Any]:
         "multiscale_stages": args.multiscale_stages,
     }
     if args.distill:
-        recipe["teacher"] = args.teacher_model_name_or_path
+        recipe["teacher"] = public_source_name(args.teacher_model_name_or_path)
         recipe["teacher_steps"] = args.teacher_steps
         recipe["distill_noise"] = args.distill_noise
     return {
         "repo_id": run.repo_id or args.hub_model_id,
         "stage": stage,
-        "base_model": run.base_model,
-        "data": args.dataset_name
-        or args.train_data_dir
+        "base_model": public_source_name(run.base_model),
+        "data": public_source_name(args.dataset_name or args.train_data_dir)
         or f"scikit-image sample photos ({args.sample_photos})",
         "num_images": result["images_seen"],
         "skipped_images": result["skipped_images"],
