@@ -429,7 +429,7 @@ def multiscale_euler_sample(
     for k in range(num_stages):
         if k > 0:
             x = renoise(x, noise.renoise[k - 1], layout, k)
-        grid = flow_time_grid(steps[k], time_grid_power)
+        grid = flow_time_grid(steps[k], time_grid_power, device=x.device)
         if num_stages == 1:
             x = euler_sample(velocity, x, grid)
         else:

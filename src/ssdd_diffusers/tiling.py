@@ -8,9 +8,12 @@ at the image border); the blended result is sum(w_i * out_i) / sum(w_i).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .models.norm_statistics import normalize_with_statistics, provide_norm_statistics
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -90,53 +93,71 @@ class SharedGroupNormStats:
 
     Per-tile GroupNorm normalises every tile by its own mean and variance, which shifts colours from
     tile to tile. Used as ``with stats.recording(): run all tiles`` then ``with stats.applying(): run
-    all tiles again``: the first pass accumulates per-(sample, group) sums at every ``nn.GroupNorm``
-    of ``module``; the second normalises each tile with the pooled statistics instead of its own.
+    all tiles again``: the first pass pools per-(sample, group) count, mean and squared deviations
+    (Chan's parallel update, no E[x^2] - E[x]^2 cancellation) at every ``nn.GroupNorm`` of ``module``;
+    the second normalises each tile with the pooled statistics instead of its own.
+
+    The instance is itself a statistics provider (``provider(norm, x) -> (mean, rstd) | None``). A module
+    whose norms consult providers (``consults_norm_statistics = True``: SSDD's decoder, on every path,
+    the fused ones included) gets it through :func:`provide_norm_statistics`, for the calling thread only;
+    any other module (diffusers' ``Encoder``) gets forward hooks on its norms for the duration of a pass.
     """
 
     def __init__(self, module: torch.nn.Module):
+        self.module = module
         self.norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
-        self.sums: dict[int, torch.Tensor] = {}
+        self.pooled: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id -> (n, mean, M2)
         self.mode: str | None = None
 
-    def _hook(self, norm: torch.nn.GroupNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        x = inputs[0]
-        grouped = x.float().reshape(x.shape[0], norm.num_groups, -1)  # (B, G, C/G * H * W)
+    def __call__(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Recording: add ``x``'s statistics to the pool and let the norm use its own (None). Applying:
+        the pooled ``(mean, rstd)``, (B, G) float32 each."""
         if self.mode == "record":
-            count = torch.full_like(grouped[..., 0], grouped.shape[-1])
-            total = torch.stack([grouped.sum(-1), (grouped**2).sum(-1), count])  # (3, B, G)
-            key = id(norm)
-            self.sums[key] = self.sums[key] + total if key in self.sums else total
-            return None
-        s, sq, n = self.sums[id(norm)]
-        mean = s / n
-        var = (sq / n - mean**2).clamp_min(0)
-        normed = (grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-        normed = normed.reshape(x.shape).to(x.dtype)
-        if norm.affine:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            normed = normed * norm.weight.reshape(shape) + norm.bias.reshape(shape)
-        return normed
+            self._record(norm, x)
+        elif self.mode == "apply":
+            count, mean, m2 = self.pooled[id(norm)]
+            return mean, torch.rsqrt(m2 / count + norm.eps)
+        return None
 
+    def _record(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> None:
+        grouped = x.detach().float().reshape(x.shape[0], norm.num_groups, -1)  # (B, G, C/G * H * W)
+        count = torch.full_like(grouped[..., 0], grouped.shape[-1])
+        mean = grouped.mean(-1)
+        m2 = (grouped - mean[..., None]).square().sum(-1)
+        key = id(norm)
+        if key in self.pooled:  # Chan et al.: merge (count, mean, M2) of two disjoint sets
+            count_a, mean_a, m2_a = self.pooled[key]
+            total = count_a + count
+            delta = mean - mean_a
+            mean = mean_a + delta * (count / total)
+            m2 = m2_a + m2 + delta.square() * (count_a * count / total)
+            count = total
+        self.pooled[key] = (count, mean, m2)
+
+    def _hook(self, norm: torch.nn.GroupNorm, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        statistics = self(norm, inputs[0])
+        return None if statistics is None else normalize_with_statistics(inputs[0], norm, statistics)
+
+    @contextmanager
     def _run(self, mode: str):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def scope():
-            self.mode = mode
-            handles = [norm.register_forward_hook(self._hook) for norm in self.norms]
-            try:
-                yield self
-            finally:
-                for handle in handles:
-                    handle.remove()
-                self.mode = None
-
-        return scope()
+        self.mode = mode
+        try:
+            if getattr(self.module, "consults_norm_statistics", False):
+                with provide_norm_statistics(self):
+                    yield self
+            else:
+                handles = [norm.register_forward_hook(self._hook) for norm in self.norms]
+                try:
+                    yield self
+                finally:
+                    for handle in handles:
+                        handle.remove()
+        finally:
+            self.mode = None
 
     def recording(self):
         """Context in which every GroupNorm call adds its statistics to the pool."""
-        self.sums.clear()
+        self.pooled.clear()
         return self._run("record")
 
     def applying(self):

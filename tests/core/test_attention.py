@@ -124,3 +124,50 @@ def test_inductor_compiled_attention_matches_eager():
     compiled = torch.compile(attention, backend="inductor", dynamic=False)
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens, table), attention(tokens, table), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_padded_keys_get_exactly_zero_weight(dtype):
+    """Through SDPA itself: with values 1 at padded keys and 0 elsewhere, the output (the total weight
+    on padded keys) is exactly 0, for large logits too, and no NaN appears."""
+    window, block, heads, head_dim = 4, 4, 3, 8
+    layout = window_layout(13, 18, window, block, torch.device("cpu"))  # padded keys on both axes
+    assert layout.key_valid is not None and not layout.key_valid.all()
+    generator = torch.Generator().manual_seed(2)
+    table = torch.randn(2 * window - 1, 2 * window - 1, heads, generator=generator)
+    bias = blocked_attention_bias(table, layout, dtype)
+    blocks, _, q_len, k_len = bias.shape
+    shape = (2, blocks * heads)
+    q = 6 * torch.randn(*shape, q_len, head_dim, generator=generator)
+    k = 6 * torch.randn(*shape, k_len, head_dim, generator=generator)  # padded keys hold values too
+    padded = (~layout.key_valid).to(dtype)[None, :, None, :, None].expand(2, blocks, heads, k_len, head_dim)
+    out = F.scaled_dot_product_attention(
+        q.to(dtype),
+        k.to(dtype),
+        padded.reshape(*shape, k_len, head_dim),
+        attn_mask=bias.view(1, -1, q_len, k_len),
+    )
+    assert torch.isfinite(out).all()
+    assert (out == 0).all()
+
+
+def test_sdpa_bias_does_not_grow_with_batch(monkeypatch):
+    """The bias SDPA receives is (1, blocks * heads, Q, K) for any batch: never repeated per image."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(query, key, value, attn_mask=None, **kwargs):
+        seen.append((query.shape[0], tuple(attn_mask.shape), attn_mask.untyped_storage().nbytes()))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    table = torch.randn(15, 15, 4)
+    layout = window_layout(32, 32, 8, 8, torch.device("cpu"))
+    for batch in (1, 8):
+        q = torch.randn(batch, 32, 32, 4, 8)
+        with torch.no_grad():
+            local_attention(q, q, q, table, block=8, bias_cache={})
+    (b1, shape1, bytes1), (b8, shape8, bytes8) = seen
+    assert (b1, b8) == (1, 8)
+    assert shape1 == shape8 == (1, layout.num_blocks * 4, 64, 22 * 22)
+    assert bytes1 == bytes8 == math.prod(shape1) * 4

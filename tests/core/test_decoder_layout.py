@@ -7,6 +7,7 @@ from diffusers.models.resnet import Upsample2D
 from helpers.configs import FOUR_LEVEL_DECODER_CONFIG, TWO_LEVEL_DECODER_CONFIG
 from torch import nn
 
+from ssdd_diffusers.models import fused_norms
 from ssdd_diffusers.models.uvit_decoder import UViTDecoder, _group_norm_scale_shift, upsample_conv
 
 
@@ -75,9 +76,13 @@ def test_decoder_layout_auto_and_forced_agree() -> None:
     decoder = UViTDecoder(**TWO_LEVEL_DECODER_CONFIG).eval()
     for p in decoder.parameters():
         p.data.normal_(0, 0.1)
-    assert decoder.channels_last is None  # auto: NHWC on CPU, NCHW on accelerators
+    assert decoder.channels_last is None  # auto: NHWC on CPU and with the Triton kernels, else NCHW
     assert decoder._use_channels_last(torch.device("cpu"))
+    # on CUDA the kernels are on by default when Triton is installed (the fastest measured eager path)
+    assert decoder._use_channels_last(torch.device("cuda")) == (fused_norms.triton is not None)
+    decoder.fused_norm_kernels = False
     assert not decoder._use_channels_last(torch.device("cuda"))
+    decoder.fused_norm_kernels = None
     x, z = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 4, 4)
     with torch.no_grad():
         outputs = {}

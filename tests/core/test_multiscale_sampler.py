@@ -24,7 +24,7 @@ from ssdd_diffusers.multiscale import (
     stage_resolutions,
     upsample_nearest2x,
 )
-from ssdd_diffusers.sampling import euler_sample, flow_time_grid
+from ssdd_diffusers.sampling import euler_sample, euler_sample_on_grid, flow_time_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -246,8 +246,12 @@ def test_decode_k1_unchanged_and_config_selects_multiscale(tmp_path):
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     eps = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        reference = euler_sample(lambda x, t: vae.decoder(x, t, z), eps, flow_time_grid(4, 2.0))
+        # decode passes its times as Python numbers (one per step, see euler_sample_on_grid) ...
+        reference = euler_sample_on_grid(lambda x, t: vae.decoder(x, t, z), eps, 4, 2.0)
         assert torch.equal(vae.decode(z, noise=eps, num_inference_steps=4).sample, reference)
+        # ... the same sampler as with the tensor grid, whose per-row time embedding rounds differently
+        with_tensor_times = euler_sample(lambda x, t: vae.decoder(x, t, z), eps, flow_time_grid(4, 2.0))
+        torch.testing.assert_close(reference, with_tensor_times, rtol=1e-5, atol=1e-5)
         assert torch.equal(
             vae.decode(z, noise=eps, num_inference_steps=4, multiscale_stages=1).sample, reference
         )

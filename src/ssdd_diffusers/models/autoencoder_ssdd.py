@@ -29,8 +29,10 @@ from ..conversion import (
 )
 from ..multiscale import MultiScaleLayout, multiscale_euler_sample, resolve_stage_steps
 from ..presets import decoder_preset, encoder_preset
-from ..sampling import euler_sample, flow_time_grid
+from ..sampling import euler_sample_on_grid
 from ..tiling import SharedGroupNormStats, Tile, blend_tiles, plan_tiles
+from ..torch_utils import own_cpu_memory_
+from ..weights_files import broken_weights_error
 from .uvit_decoder import GEGLUFeedForward, SSDDResnetBlock, UViTDecoder
 
 DEFAULT_NOISE_SEED = 0
@@ -41,16 +43,53 @@ def _check_image(x: torch.Tensor, channels: int, multiple: int, what: str) -> No
         raise ValueError(
             f"{what} must be a 4-D (batch, channels, height, width) tensor; got shape {tuple(x.shape)}."
         )
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} must hold at least one item; got an empty batch (shape {tuple(x.shape)}).")
     if x.shape[1] != channels:
         raise ValueError(f"{what} must have {channels} channels; got {x.shape[1]} (shape {tuple(x.shape)}).")
     height, width = x.shape[-2:]
-    if height % multiple or width % multiple:
-        raise ValueError(f"{what} height and width must be multiples of {multiple}; got {height}x{width}.")
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        expected = f"positive multiples of {multiple}" if multiple > 1 else "at least 1"
+        raise ValueError(f"{what} height and width must be {expected}; got {height}x{width}.")
+
+
+def _check_finite(x: torch.Tensor, what: str, expected: str) -> None:
+    """``ValueError`` when ``x`` holds NaN or inf: one reduction and one host synchronisation, skipped
+    while tracing (torch.compile / export / jit) or capturing a CUDA graph, so both stay possible."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.is_meta:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contain NaN or infinite values; expected {expected}.")
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast parameters without ModelMixin.to's spurious "keep in float32" warning."""
     return model if model.dtype == dtype else nn.Module.to(model, dtype)
+
+
+@torch.compiler.disable  # generators cannot be created or used inside a compiled graph: one clean break
+def _draw_noise(
+    shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None, device: torch.device
+) -> torch.Tensor:
+    """float32 standard normal noise of ``shape``: from ``generator`` on the generator's device, or, with
+    none, from a generator of ``device`` seeded with ``DEFAULT_NOISE_SEED`` (so the default noise is made
+    where the decode runs; its values depend on the device type, not on anything else)."""
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(DEFAULT_NOISE_SEED)
+    source = (generator[0] if isinstance(generator, list) else generator).device
+    return randn_tensor(shape, generator=generator, device=source, dtype=torch.float32)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor bound for CUDA goes through pinned memory as a non-blocking
+    copy (the caching host allocator keeps the pinned buffer alive until the copy is done)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
@@ -310,6 +349,25 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             )
         return result
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs) -> Any:
+        """As ``ModelMixin.from_pretrained`` (same arguments), with weights in ordinary CPU memory.
+
+        diffusers keeps the memory-mapped views that safetensors returns, at the file's (often only 4-byte
+        aligned) offsets; the CPU kernels then may round differently from the model that was saved. Each
+        misaligned CPU tensor is copied once (see :func:`ssdd_diffusers.torch_utils.own_cpu_memory_`), so a
+        reloaded model decodes bit-identically to the saved one on the same machine.
+        """
+        try:
+            result = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as error:  # a truncated weights file: say so, in one line
+            broken = broken_weights_error(error, pretrained_model_name_or_path, kwargs.get("subfolder"))
+            if broken is None:
+                raise
+            raise broken from error
+        own_cpu_memory_(result[0] if isinstance(result, tuple) else result)  # output_loading_info=True
+        return result
+
     def push_to_hub(
         self,
         repo_id: str,
@@ -339,16 +397,28 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
             create_pr: open a pull request with the files instead of committing to ``main``.
             safe_serialization / variant: passed to ``save_pretrained``.
             subfolder: folder of the repo to upload the model into.
+
+        Raises:
+            ConnectionError: the connection to the Hub was lost (the original error is chained); nothing
+                local was written but a temporary folder, which is removed, so retrying is safe. Answers
+                of the Hub (``huggingface_hub.errors.HfHubHTTPError``) are raised unchanged.
         """
         from huggingface_hub import create_repo, file_exists, upload_folder
 
-        from ..model_card import CARD_NAME, write_model_card_for_folder
+        from ..model_card import (
+            CARD_NAME,
+            interrupted_upload_as_error,
+            strip_local_paths_from_config,
+            write_model_card_for_folder,
+        )
 
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        # Only a repo without a card gets the SSDD one: a card already on the Hub is not overwritten.
-        write_card = not subfolder and not file_exists(repo_id, CARD_NAME, token=token)
-        with tempfile.TemporaryDirectory() as tmpdir:
+        with interrupted_upload_as_error(repo_id, "the model"):
+            repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+            # Only a repo without a card gets the SSDD one: a card already on the Hub is not overwritten.
+            write_card = not subfolder and not file_exists(repo_id, CARD_NAME, token=token)
+        with tempfile.TemporaryDirectory() as tmpdir, interrupted_upload_as_error(repo_id, "the model"):
             self.save_pretrained(tmpdir, safe_serialization=safe_serialization, variant=variant)
+            strip_local_paths_from_config(tmpdir)  # diffusers' `_name_or_path`: the folder name at most
             if write_card:
                 write_model_card_for_folder(tmpdir, repo_id=repo_id)
             return upload_folder(
@@ -438,6 +508,7 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Encode images (B, 3, H, W) in [-1, 1] into a diagonal Gaussian over latents (B, Z, H/f, W/f)."""
         _check_image(x, self.config.in_channels, self.spatial_compression_ratio, "Input images")
+        _check_finite(x, "Input images", "finite pixel values in [-1, 1]")
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode(s) for s in x.split(1)])
         else:
@@ -456,6 +527,12 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
     def _initial_noise(
         self, z: torch.Tensor, generator, noise: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
+        """Starting noise (B, C, h*f, w*f) on ``z``'s device, in ``dtype``.
+
+        Explicit ``noise`` wins; else ``generator`` (one, or one per image) draws float32 noise on its own
+        device; else a fixed-seed generator *of z's device* draws it there, in one call, with no host work
+        or synchronisation. Noise made on the CPU for an accelerator travels as one non-blocking copy.
+        """
         f = self.spatial_compression_ratio
         shape = (z.shape[0], self.config.out_channels, z.shape[-2] * f, z.shape[-1] * f)
         if noise is not None:
@@ -464,12 +541,11 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                     f"noise must have shape {shape} (batch, channels, latent size x {f}); "
                     f"got {tuple(noise.shape)}."
                 )
-            return noise.to(device=z.device, dtype=dtype)
-        if generator is None:  # deterministic by default: pipelines call decode() without a generator
-            generator = torch.Generator(device="cpu").manual_seed(DEFAULT_NOISE_SEED)
-        return randn_tensor(shape, generator=generator, device=z.device, dtype=torch.float32).to(dtype)
+        else:
+            noise = _draw_noise(shape, generator, z.device)
+        return _to_device(noise, z.device).to(dtype)
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor | float, z: torch.Tensor) -> torch.Tensor:
         """Decoder velocity at (x_t, t) for latents z, in overlapping tiles when tiling is enabled."""
         if not self._needs_tiles(z.shape[-2], z.shape[-1]):
             return self.decoder(x_t, t, z)
@@ -487,8 +563,8 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
     ) -> torch.Tensor:
         if multiscale_stages > 1:
             return self._decode_multiscale(z, noise, num_inference_steps, multiscale_stages)
-        grid = flow_time_grid(num_inference_steps, self.config.time_grid_power)
-        return euler_sample(lambda x, t: self.velocity(x, t, z), noise, grid)
+        power = self.config.time_grid_power
+        return euler_sample_on_grid(lambda x, t: self.velocity(x, t, z), noise, num_inference_steps, power)
 
     def _decode_multiscale(
         self, z: torch.Tensor, noise: torch.Tensor, num_inference_steps: int, multiscale_stages: int
@@ -531,6 +607,7 @@ class SSDDAutoencoder(ModelMixin, AutoencoderMixin, ConfigMixin):
                 noise, so ``noise=`` stays an exact reproduction handle.
         """
         _check_image(z, self.config.latent_channels, 1, "Latents")
+        _check_finite(z, "Latents", "finite values (NaN/inf usually come from a diverged diffusion model)")
         steps = self.config.num_inference_steps if num_inference_steps is None else int(num_inference_steps)
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1; got {steps}.")

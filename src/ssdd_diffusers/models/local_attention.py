@@ -8,11 +8,23 @@ both formulations, so the result equals the dense definition up to float roundin
 
 Along an axis that fits in one block plus its halo, the block spans the whole axis and no halo is
 needed (small grids, including grids smaller than the window).
+
+Keys of a border block's halo that fall outside the grid are padding, masked through the bias, so the
+bias differs per block: (num_blocks, heads, Q, K). SDPA sees (B, num_blocks * heads, Q, head_dim)
+inputs, blocks folded into its head axis, so this bias broadcasts over the batch as
+(1, num_blocks * heads, Q, K): it is never repeated per image and its size does not depend on the batch
+(4 MB per layer in bf16 for a 32 x 32 grid, block 8, window 8, 4 heads).
+
+Caches (eager only; under ``torch.compile`` everything is rebuilt in the graph): a module-level cache
+of layouts (pure geometry, at most ``_LAYOUT_CACHE_SIZE`` entries, insertions under a lock) and one
+gathered bias per attention layer (one immutable entry, swapped by a single assignment), so concurrent
+``decode()`` calls from several threads on one model are safe.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -21,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# Bias value for masked (query, key) pairs: exp(mask - max) underflows to exactly 0, and the sum of
-# two of them stays finite in every float dtype (so no row of the softmax can turn into NaN).
+# Bias value for masked (query, key) pairs (out of the window, or padded keys): exp(mask - max)
+# underflows to exactly 0, and a quarter of the dtype's range leaves room for the logits added to it, so
+# no score becomes -inf and no row of the softmax can turn into NaN, in fp32, bf16 and fp16.
 def _mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 4
 
@@ -105,42 +118,50 @@ def _build_layout(height: int, width: int, window: int, block: int, device: torc
 
 
 _LAYOUT_CACHE: dict[tuple[int, int, int, int, torch.device], WindowLayout] = {}
-_LAYOUT_CACHE_SIZE = 64
+_LAYOUT_CACHE_SIZE = 64  # entries; the oldest is dropped first
+_LAYOUT_CACHE_LOCK = threading.Lock()  # held by insertions and evictions; lookups take no lock
 
 
 def window_layout(height: int, width: int, window: int, block: int, device: torch.device) -> WindowLayout:
     """Cached layout for an (height, width) token grid. Pure geometry: safe to cache forever.
 
     Under ``torch.compile`` the layout is rebuilt from index arithmetic inside the graph (no Python cache
-    lookups, no graph break); eager calls use a small plain-dict cache.
+    lookups, no graph break). Eager calls use a small dict, safe from several threads: a hit is one
+    ``dict.get``; a miss builds the layout unlocked, then inserts it (and evicts) under a lock, so that no
+    thread iterates the dict while another one resizes it, and all threads share one layout per key.
     """
     key = (int(height), int(width), int(window), int(block), torch.device(device))
     if torch.compiler.is_compiling():
         return _build_layout(*key)
     layout = _LAYOUT_CACHE.get(key)
-    if layout is None:
-        if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_SIZE:
-            _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
-        layout = _LAYOUT_CACHE[key] = _build_layout(*key)
+    if layout is not None:
+        return layout
+    built = _build_layout(*key)
+    with _LAYOUT_CACHE_LOCK:
+        layout = _LAYOUT_CACHE.get(key)
+        if layout is None:
+            while len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_SIZE:
+                del _LAYOUT_CACHE[next(iter(_LAYOUT_CACHE))]
+            layout = _LAYOUT_CACHE[key] = built
     return layout
 
 
 def blocked_attention_bias(table: torch.Tensor, layout: WindowLayout, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias for every query block, from the *current* table values.
 
-    table: (2w-1, 2w-1, heads). Returns (1, heads, Q, K), or (num_blocks, heads, Q, K) when some keys are
-    padding. Computed from the table on every call unless the caller caches it (see ``local_attention``),
+    table: (2w-1, 2w-1, heads). Returns a contiguous (num_blocks, heads, Q, K) bias: the relative bias,
+    with the mask value for offsets outside the window and for padded keys (a single block when no key is
+    padded). Computed from the table on every call unless the caller caches it (see ``local_attention``),
     so it carries gradients to the table.
     """
     heads = table.shape[-1]
-    masked = torch.full((1, heads), _mask_value(dtype), dtype=dtype, device=table.device)
-    flat = torch.cat([table.reshape(-1, heads).to(dtype), masked], dim=0)
-    bias = flat[layout.bias_index].permute(2, 0, 1)  # (heads, Q, K)
+    mask = _mask_value(dtype)
+    masked = torch.full((heads, 1), mask, dtype=dtype, device=table.device)
+    flat = torch.cat([table.reshape(-1, heads).to(dtype).t(), masked], dim=1)  # (heads, (2w-1)^2 + 1)
+    bias = flat[:, layout.bias_index][None]  # (1, heads, Q, K)
     if layout.key_valid is None:
-        return bias[None]
-    key_mask = torch.zeros(layout.key_valid.shape, dtype=dtype, device=table.device)
-    key_mask = key_mask.masked_fill(~layout.key_valid, _mask_value(dtype))
-    return bias[None] + key_mask[:, None, None, :]
+        return bias
+    return torch.where(layout.key_valid[:, None, None, :], bias, mask)  # (num_blocks, heads, Q, K)
 
 
 @torch.library.custom_op("ssdd_diffusers::window_attention_bias", mutates_args=())
@@ -163,13 +184,22 @@ def _window_attention_bias_op(
 def _(table: torch.Tensor, height: int, width: int, block: int, dtype: torch.dtype) -> torch.Tensor:
     window = (table.shape[0] + 1) // 2
     rows, cols = _plan_axis(height, window, block), _plan_axis(width, window, block)
-    blocks = rows.num_blocks * cols.num_blocks if (rows.halo or cols.halo) else 1
+    blocks = rows.num_blocks * cols.num_blocks  # 1 when no key is padded (no halo: one block per axis)
     queries, keys = rows.block * cols.block, rows.key_len * cols.key_len
     return table.new_empty((blocks, table.shape[-1], queries, keys), dtype=dtype)
 
 
 # Largest bias (in bytes) kept by the inference cache of one attention layer; bigger ones are rebuilt.
 BIAS_CACHE_MAX_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class _BiasEntry:
+    """The one cached bias of an attention layer: immutable, replaced whole by a single assignment."""
+
+    key: tuple
+    table: weakref.ref
+    bias: torch.Tensor
 
 
 def _cached_bias(
@@ -181,6 +211,10 @@ def _cached_bias(
     table's storage pointer and in-place version counter, so any weight update or load invalidates it.
     Compiled inference on CPU calls the bias as one opaque op instead (see ``_window_attention_bias_op``);
     on GPUs the gather stays in the graph, so compiled graphs hold no opaque op.
+
+    Thread safety: the cache holds one ``_BiasEntry`` under ``"entry"``, read with one ``dict.get`` and
+    replaced with one assignment, so a thread never pairs the key of one entry with the bias of another;
+    concurrent calls on different grids only cost rebuilds. At most one entry (<= ``BIAS_CACHE_MAX_BYTES``).
     """
     if torch.is_grad_enabled() and table.requires_grad:
         return blocked_attention_bias(table, layout, dtype)
@@ -191,14 +225,13 @@ def _cached_bias(
     if cache is None or table.is_inference():
         return blocked_attention_bias(table, layout, dtype)
     key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, table.device, grid, dtype)
-    owner = cache.get("table")
-    if cache.get("key") == key and owner is not None and owner() is table:
-        return cache["bias"]
+    entry = cache.get("entry")
+    if entry is not None and entry.key == key and entry.table() is table:
+        return entry.bias
     with torch.no_grad():
         bias = blocked_attention_bias(table, layout, dtype)
-    cache.clear()
-    if bias.numel() * bias.element_size() <= BIAS_CACHE_MAX_BYTES:
-        cache.update(key=key, bias=bias, table=weakref.ref(table))
+    small = bias.numel() * bias.element_size() <= BIAS_CACHE_MAX_BYTES
+    cache["entry"] = _BiasEntry(key, weakref.ref(table), bias) if small else None
     return bias
 
 
@@ -231,20 +264,21 @@ def local_attention(
     if any(kv_pad):
         key, value = F.pad(key, kv_pad), F.pad(value, kv_pad)
 
-    # (B * blocks, heads, Q, head_dim) queries; (B * blocks, heads, K, head_dim) key windows. 4-D inputs
-    # let SDPA take its fused CPU/GPU kernels (5-D inputs fall back to the unfused math path).
+    # (B, blocks * heads, Q, head_dim) queries; (B, blocks * heads, K, head_dim) key windows: blocks ride
+    # on SDPA's head axis, so the per-block bias (1, blocks * heads, Q, K) broadcasts over the batch and
+    # is never repeated per image. 4-D inputs let SDPA take its fused CPU/GPU kernels (5-D inputs fall
+    # back to the unfused math path).
     q_blocks = query.reshape(batch, rows.num_blocks, rows.block, cols.num_blocks, cols.block, heads, head_dim)
-    q_blocks = q_blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch * blocks, heads, q_len, head_dim)
+    q_blocks = q_blocks.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, blocks * heads, q_len, head_dim)
 
     def windows(t: torch.Tensor) -> torch.Tensor:
         t = t.unfold(1, rows.key_len, rows.block).unfold(2, cols.key_len, cols.block)
-        # (B, nby, nbx, heads, head_dim, ky, kx) -> (B * blocks, heads, ky*kx, head_dim)
+        # (B, nby, nbx, heads, head_dim, ky, kx) -> (B, blocks * heads, ky*kx, head_dim)
         t = t.permute(0, 1, 2, 3, 5, 6, 4)
-        return t.reshape(batch * blocks, heads, k_len, head_dim)
+        return t.reshape(batch, blocks * heads, k_len, head_dim)
 
     bias = _cached_bias(table, layout, query.dtype, bias_cache, (height, width, block))
-    if bias.shape[0] > 1 and batch > 1:  # per-block bias (padded keys): repeat it for every image
-        bias = bias.repeat(batch, 1, 1, 1)
+    bias = bias.reshape(1, blocks * heads, q_len, k_len)  # (num_blocks, heads, Q, K), contiguous: a view
     out = F.scaled_dot_product_attention(q_blocks, windows(key), windows(value), attn_mask=bias)
     out = out.reshape(batch, rows.num_blocks, cols.num_blocks, heads, rows.block, cols.block, head_dim)
     out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(
