@@ -1,5 +1,6 @@
-"""Decode (and encode) speed and memory: SSDD presets against diffusers' AutoencoderKL and
-ConsistencyDecoderVAE, on identical latents, in one process, interleaved and repeated.
+"""Decode (and encode) speed and memory: SSDD presets against diffusers' AutoencoderKL, AutoencoderTiny,
+AutoencoderDC and ConsistencyDecoderVAE, on identical latents, in one process, interleaved and repeated. A
+contender that fails is recorded with its error message and the others still run.
 
 A thin wrapper around :mod:`ssdd_diffusers.cli.benchmark` (also available as ``ssdd-diffusers benchmark``
 with the same flags); see that module for how timing and peak memory are measured.

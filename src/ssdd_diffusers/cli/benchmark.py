@@ -5,6 +5,10 @@ Timing: every contender is built once; for each (resolution, batch) all contende
 after ``--warmup`` untimed runs each, ``--repeats`` rounds are run in which every contender decodes once
 (round-robin, so load changes on a shared machine hit all contenders alike); the median is reported.
 
+A contender that fails (to build, decode, count FLOPs or measure memory) is recorded with its error message
+(``"error"``, ``"flops_error"``, ``"memory_error"`` in its row) and the others still run; an unknown
+contender name is a usage error, reported before anything runs.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` around one decode (weights excluded). On CPU,
 one fresh child process per (contender, resolution, batch): it builds the model, runs one decode, resets
 the kernel's resident-set high-water mark (``/proc/self/clear_refs``), runs a second decode and reports
@@ -18,8 +22,9 @@ Example (``ssdd-diffusers benchmark`` and ``python benchmarks/decode_benchmark.p
         --json benchmarks/results/decode_cpu.json --markdown benchmarks/results/decode_cpu.md
 
 Contender names: ``ssdd-{XS,S,B,M,L,XL,H}-{steps}`` (suffix ``-tiled`` decodes in 256 px tiles, ``-fused``
-uses the opt-in Triton norm kernels, ``decoder.fused_norm_kernels``, eager CUDA only, ``-cl`` forces the
-decoder trunk into channels_last),
+uses the Triton norm kernels, ``decoder.fused_norm_kernels``, eager CUDA only, ``-cl`` forces the decoder
+trunk into channels_last with the PyTorch norms, ``-nchw`` into NCHW with the PyTorch norms; without them the
+decoder's defaults apply),
 ``kl`` (AutoencoderKL, SD-VAE configuration), ``kl-tiled``, ``tiny`` (AutoencoderTiny, the TAESD
 configuration), ``dc`` (AutoencoderDC, its default f32c32 configuration, decoding 32-channel latents at
 1/32 resolution), ``consistency`` (ConsistencyDecoderVAE, default configuration, its default 2 steps; very
@@ -37,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,7 @@ from .contenders import (
     SLOW_CONTENDERS,
     Contender,
     build_contender,
+    check_contender_name,
 )
 
 MEMORY_METHODS = {
@@ -72,6 +79,37 @@ __all__ = [
     "timed",
     "to_markdown",
 ]
+
+ERROR_CHARS = 500
+"""Characters of an error message kept in a report row."""
+
+
+def error_message(error: BaseException) -> str:
+    """``"Type: message"`` of an exception (truncated), for a report row; the traceback goes to stderr."""
+    traceback.print_exception(error, file=sys.stderr)
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
+def _free_device_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _record_failure(
+    failed: dict[str, str],
+    active: list[str],
+    name: str,
+    error: BaseException,
+    where: str,
+    device: torch.device,
+) -> None:
+    """Record ``name``'s error in ``failed`` and drop it from ``active`` (the contenders still timed)."""
+    failed[name] = error_message(error)
+    active.remove(name)
+    print(f"{name} {where} failed: {failed[name]}", file=sys.stderr, flush=True)
+    _free_device_memory(device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,58 +232,87 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    """Time (and measure the memory of) every contender; returns ``{"meta": ..., "results": [...]}``."""
+    """Time (and measure the memory of) every contender; returns ``{"meta": ..., "results": [...]}``.
+
+    An unknown contender name raises ``ValueError`` first. A contender that fails to build, or to decode at
+    one (resolution, batch), gets a row with ``"error"`` there and the others go on."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     compile_mode = args.compile_mode if args.compile else None
     names = [c for c in args.contenders if not (args.skip_slow and c in SLOW_CONTENDERS)]
+    for name in names:
+        check_contender_name(name)
     contenders = {}
+    build_errors: dict[str, str] = {}
     for name in names:
         t0 = time.perf_counter()
-        contenders[name] = build_contender(
-            name, device, dtype, args.channels_last, compile_mode, args.tile_size, args.tile_overlap
-        )
+        try:
+            contenders[name] = build_contender(
+                name, device, dtype, args.channels_last, compile_mode, args.tile_size, args.tile_overlap
+            )
+        except Exception as error:  # noqa: BLE001 - recorded in the report, the others still run
+            build_errors[name] = error_message(error)
+            print(f"failed to build {name}: {build_errors[name]}", file=sys.stderr, flush=True)
+            _free_device_memory(device)
+            continue
         print(f"built {name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
     results: list[dict] = []
     for resolution in args.resolutions:
         for batch in args.batch_sizes:
-            zs = {
-                n: contenders[n].latents(batch, resolution, device, dtype, args.channels_last) for n in names
-            }
+            failed = dict(build_errors)  # name -> error at this (resolution, batch)
+            zs = {}
+            for n in contenders:
+                try:
+                    zs[n] = contenders[n].latents(batch, resolution, device, dtype, args.channels_last)
+                except Exception as error:  # noqa: BLE001
+                    failed[n] = error_message(error)
             gen = torch.Generator().manual_seed(resolution * 1000 + batch + 1)
             x = torch.randn(batch, 3, resolution, resolution, generator=gen).to(device=device, dtype=dtype)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            active = [n for n in names if n not in SLOW_CONTENDERS or resolution in args.slow_resolutions]
+            in_size = [n for n in names if n not in SLOW_CONTENDERS or resolution in args.slow_resolutions]
+            active = [n for n in in_size if n not in failed]
             times: dict[str, list[float]] = {n: [] for n in active}
             enc_times: dict[str, list[float]] = {n: [] for n in active}
             warm_s: dict[str, float] = {}
+            where = f"{resolution}px b{batch}"
             with torch.no_grad():
-                for name in active:  # warm-up (includes compilation with --compile)
+                for name in list(active):  # warm-up (includes compilation with --compile)
                     c = contenders[name]
-                    warm = [
-                        timed(lambda c=c, z=zs[name]: c.decode(z), device)
-                        for _ in range(args.slow_warmup if name in SLOW_CONTENDERS else args.warmup)
-                    ]
-                    warm_s[name] = round(sum(warm), 3)
-                    if args.encode and c.encode is not None and name not in SLOW_CONTENDERS:
-                        for _ in range(args.warmup):
-                            timed(lambda c=c, x=x: c.encode(x), device)
+                    try:
+                        warm = [
+                            timed(lambda c=c, z=zs[name]: c.decode(z), device)
+                            for _ in range(args.slow_warmup if name in SLOW_CONTENDERS else args.warmup)
+                        ]
+                        warm_s[name] = round(sum(warm), 3)
+                        if args.encode and c.encode is not None and name not in SLOW_CONTENDERS:
+                            for _ in range(args.warmup):
+                                timed(lambda c=c, x=x: c.encode(x), device)
+                    except Exception as error:  # noqa: BLE001 - recorded, the others still run
+                        _record_failure(failed, active, name, error, where, device)
                 for r in range(args.repeats):
-                    for name in active:
+                    for name in list(active):
                         if name in SLOW_CONTENDERS and r >= args.slow_repeats:
                             continue
                         c = contenders[name]
-                        times[name].append(timed(lambda c=c, z=zs[name]: c.decode(z), device))
-                        if args.encode and c.encode is not None and name not in SLOW_CONTENDERS:
-                            enc_times[name].append(timed(lambda c=c, x=x: c.encode(x), device))
+                        try:
+                            times[name].append(timed(lambda c=c, z=zs[name]: c.decode(z), device))
+                            if args.encode and c.encode is not None and name not in SLOW_CONTENDERS:
+                                enc_times[name].append(timed(lambda c=c, x=x: c.encode(x), device))
+                        except Exception as error:  # noqa: BLE001
+                            _record_failure(failed, active, name, error, where, device)
                     print(
                         f"{resolution}px b{batch} round {r + 1}/{args.repeats}: "
                         + ", ".join(f"{n}={times[n][-1]:.3f}s" for n in active if len(times[n]) > r),
                         file=sys.stderr,
                         flush=True,
                     )
-            for name in active:
+            for name in in_size:
+                if name in failed:
+                    notes = contenders[name].notes if name in contenders else ""
+                    error_row = {"contender": name, "resolution": resolution, "batch": batch, "notes": notes}
+                    results.append({**error_row, "error": failed[name]})
+                    continue
                 c = contenders[name]
                 med = statistics.median(times[name])
                 row: dict[str, Any] = {
@@ -263,7 +330,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 if enc_times[name]:
                     row["encode_s_median"] = round(statistics.median(enc_times[name]), 4)
                 if args.flops and name not in SLOW_CONTENDERS:
-                    gf = gflop_count(c, zs[name])
+                    try:
+                        gf = gflop_count(c, zs[name])
+                    except Exception as error:  # noqa: BLE001
+                        gf, row["flops_error"] = None, error_message(error)
                     steps = c.extra.get("steps", 1)
                     if gf is not None:
                         row["decoder_gflop_per_image"] = round(gf / batch, 2)
@@ -278,10 +348,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         for r in results
                         if r["contender"] == name and r["resolution"] == resolution and r["batch"] == batch
                     )
-                    if device.type == "cuda":
-                        row.update(measure_memory_here(contenders[name], zs[name], device, "decode"))
-                    else:
-                        row.update(memory_in_child(args, name, resolution, batch, "decode"))
+                    try:
+                        if device.type == "cuda":
+                            row.update(measure_memory_here(contenders[name], zs[name], device, "decode"))
+                        else:
+                            row.update(memory_in_child(args, name, resolution, batch, "decode"))
+                    except Exception as error:  # noqa: BLE001
+                        row.update(peak_mib=None, memory_error=error_message(error))
+                        _free_device_memory(device)
                     print(
                         f"memory {name} {resolution}px: {row.get('peak_mib')} MiB",
                         file=sys.stderr,
@@ -296,9 +370,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 ),
                 None,
             )
-            if kl is not None:
+            if kl is not None and "error" not in kl:
                 for r in results:
-                    if r["resolution"] == resolution and r["batch"] == batch:
+                    if r["resolution"] == resolution and r["batch"] == batch and "error" not in r:
                         r["speed_vs_kl"] = round(
                             kl["decode_s_median"] / r["decode_s_median"], 3
                         )  # same batch
@@ -332,7 +406,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     except ImportError:
         pass
     if args.flops:
-        meta["matmul"] = matmul_gflops(device, dtype)
+        try:
+            meta["matmul"] = matmul_gflops(device, dtype)
+        except Exception as error:  # noqa: BLE001
+            meta["matmul_error"] = error_message(error)
     meta["loadavg_end"] = os.getloadavg()
     return {"meta": meta, "results": results}
 
@@ -383,6 +460,11 @@ def to_markdown(report: dict) -> str:
         header += ["GFLOP/img/step", "GFLOP/s"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        if "error" in r:
+            error = r["error"].replace("|", "/").replace("\n", " ")
+            cells = [str(r["resolution"]), str(r["batch"]), r["contender"], f"error: {error}"]
+            lines.append("| " + " | ".join(cells + ["-"] * (len(header) - len(cells))) + " |")
+            continue
         cells = [
             str(r["resolution"]),
             str(r["batch"]),
@@ -433,8 +515,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--contenders",
         nargs="+",
         default=["ssdd-S-1", "ssdd-B-1", "ssdd-M-1", "ssdd-S-12", "kl", "consistency"],
-        help="ssdd-{XS,S,B,M,L,XL,H}-{steps}[-tiled][-fused], kl, kl-tiled, tiny (AutoencoderTiny), "
-        "dc (AutoencoderDC f32c32), consistency.",
+        help="ssdd-{XS,S,B,M,L,XL,H}-{steps}[-tiled][-fused][-cl|-nchw], kl, kl-tiled, "
+        "tiny (AutoencoderTiny), dc (AutoencoderDC f32c32), consistency.",
     )
     p.add_argument("--repeats", type=int, default=5, help="Timed interleaved rounds (median reported).")
     p.add_argument("--warmup", type=int, default=1, help="Untimed decodes per contender first.")

@@ -1,5 +1,5 @@
-"""The decoders the decode benchmark times: SSDD presets (``ssdd-{size}-{steps}[-tiled][-fused][-cl]``) and
-diffusers' AutoencoderKL (SD-VAE configuration), AutoencoderTiny (TAESD), AutoencoderDC (f32c32) and
+"""The decoders the decode benchmark times: SSDD presets (``ssdd-{size}-{steps}[-tiled][-fused][-cl|-nchw]``)
+and diffusers' AutoencoderKL (SD-VAE configuration), AutoencoderTiny (TAESD), AutoencoderDC (f32c32) and
 ConsistencyDecoderVAE, all with random weights (speed does not depend on them)."""
 
 from __future__ import annotations
@@ -68,19 +68,31 @@ def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-SSDD_OPTIONS = ("tiled", "fused", "cl")
+SSDD_OPTIONS = ("tiled", "fused", "cl", "nchw")
 
 
 def parse_ssdd(name: str) -> tuple[str, int, bool, bool] | None:
-    """``ssdd-S-1[-tiled][-fused][-cl]`` -> ("S", 1, tiled, fused); None for other names (``-cl``: see
-    :func:`build_contender`)."""
+    """``ssdd-S-1[-tiled][-fused][-cl|-nchw]`` -> ("S", 1, tiled, fused); None for other names (``-cl``
+    and ``-nchw``: see :func:`build_contender`)."""
     parts = name.split("-")
     options = parts[3:]
     if parts[0] != "ssdd" or len(parts) < 3 or not parts[2].isdigit():
         return None
     if len(set(options)) != len(options) or not set(options) <= set(SSDD_OPTIONS):
         return None
+    if "nchw" in options and ("cl" in options or "fused" in options):
+        return None  # -nchw is the plain PyTorch NCHW path
     return parts[1].upper(), int(parts[2]), "tiled" in options, "fused" in options
+
+
+REFERENCE_NAMES = ("kl", "kl-tiled", "consistency", "tiny", "dc")
+"""The contender names other than SSDD presets."""
+
+
+def check_contender_name(name: str) -> None:
+    """Raise ``ValueError`` for a name that is no contender (a usage error, reported before any timing)."""
+    if name not in REFERENCE_NAMES and parse_ssdd(name) is None:
+        raise ValueError(f"Unknown contender {name!r}.")
 
 
 def build_contender(
@@ -93,7 +105,12 @@ def build_contender(
     tile_overlap: float = DEFAULT_TILE_OVERLAP,
 ) -> Contender:
     """Random-weight model for one contender name, in eval mode on ``device``/``dtype``; ``*-tiled``
-    contenders decode in ``tile_size`` px tiles overlapping by ``tile_overlap``."""
+    contenders decode in ``tile_size`` px tiles overlapping by ``tile_overlap``.
+
+    SSDD paths: ``ssdd-S-1`` keeps the decoder's defaults (its automatic trunk layout and norm kernels);
+    ``-nchw`` forces the NCHW trunk with the PyTorch norms, ``-cl`` the channels_last trunk with the PyTorch
+    norms, ``-fused`` the Triton norm kernels (channels_last trunk unless ``-cl`` / ``-nchw`` say otherwise),
+    so each explicit path stays the same whatever the defaults become."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     ssdd = parse_ssdd(name)
@@ -105,10 +122,11 @@ def build_contender(
         vae = vae.to(memory_format=memory_format)
         if tiled:
             vae.enable_tiling(tile_size, tile_overlap)  # shared GroupNorm statistics: two passes
-        if fused:
-            vae.decoder.fused_norm_kernels = True  # Triton norm kernels (eager CUDA; channels_last trunk)
-        if "cl" in name.split("-")[3:]:
-            vae.decoder.channels_last = True  # the trunk in channels_last whatever the automatic choice
+        options = name.split("-")[3:]
+        if fused or "cl" in options or "nchw" in options:
+            vae.decoder.fused_norm_kernels = fused  # Triton norm kernels (eager CUDA) or the PyTorch norms
+        if "cl" in options or "nchw" in options:
+            vae.decoder.channels_last = "cl" in options  # the trunk layout whatever the automatic choice
         if compile_mode:
             vae.decoder = torch.compile(vae.decoder, mode=_mode(compile_mode), dynamic=False)
         decoder = vae.decoder
