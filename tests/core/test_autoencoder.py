@@ -408,6 +408,7 @@ def test_tiled_decode_pools_statistics_in_every_memory_format(monkeypatch):
     assert {key for key, _ in calls[True]} == {id(norm) for norm in norms}  # every GroupNorm
     assert {mode for _, mode in calls[True]} == {"record", "apply"}
     assert calls[False] == calls[True]
+    assert len(set(calls[True].values())) == 1  # each norm consulted once per tile and pass, no more
     torch.testing.assert_close(decoded[False], decoded[True], atol=1e-5, rtol=1e-5)
 
 

@@ -83,6 +83,11 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     statistics = provided_statistics(norm, x)  # tiled decoding: statistics pooled over all tiles
     if statistics is not None:
         return normalize_with_statistics(x, norm, statistics)
+    return _own_group_norm(x, norm)
+
+
+def _own_group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``group_norm`` with the statistics of ``x`` itself (no provider consulted)."""
     if torch.compiler.is_compiling() and x.device.type == "cpu" and not torch.is_grad_enabled():
         return _eager_group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return norm(x)
@@ -107,8 +112,12 @@ def _group_norm_scale_shift(
     decoding), take the unfused path.
     """
     batch, channels = x.shape[:2]
-    if not x.is_contiguous() or provided_statistics(norm, x) is not None:
-        out = group_norm(x, norm)
+    statistics = provided_statistics(norm, x)  # consulted once: recording providers count every call
+    if statistics is not None or not x.is_contiguous():
+        if statistics is not None:
+            out = normalize_with_statistics(x, norm, statistics)
+        else:
+            out = _own_group_norm(x, norm)
         if _inplace_ok():
             return out.mul_(scale[:, :, None, None]).add_(shift[:, :, None, None])
         return out * scale[:, :, None, None] + shift[:, :, None, None]
